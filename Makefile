@@ -1,0 +1,28 @@
+# Two commands: `make demo` (train on scikit-learn's digits, offline, about a minute on 2 CPU
+# cores) and `make test` (the pytest suite).  Both create .venv from requirements.txt if missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench clean
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) main.py --device -1 --archi fc --dataset digits --layersList 64 256 10 \
+	  --T 20 --Kmax 6 --beta 0.5 --gamma 1e-3 1e-3 --gradThreshold 1e-6 1e-6 \
+	  --lrBias 0.05 0.1 --batchSize 32 --test_batchSize 360 --epochs 15 --seed 0 --outDir runs
+	@echo "demo run folder and plots: $$(ls -d runs/DATA-0-fc-digits/*/S-* | tail -1)"
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/benchmark.py
+
+clean:
+	rm -rf runs .pytest_cache

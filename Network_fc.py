@@ -1,0 +1,105 @@
+"""Fully connected binary-weight EP network (DESIGN.md section 4).
+
+States are stored feature-major ("column" layout, one column per sample), so the code reads
+like the math: ``s[k]`` has shape (n_k, B), ``s[0]`` is the output (10 units), the input ``x``
+is clamped.  ``W[k]`` (an ``nn.Linear`` of weight shape (n_k, n_{k+1})) maps ``s[k+1] -> s[k]``;
+``W[-1]`` maps the input.  Every per-layer list (gamma, gradThreshold, lrBias, lrAlpha) is
+ordered like ``W``: output layer first.
+"""
+
+import torch
+import torch.nn as nn
+
+from shared_fc_conv import EPNetwork, nudge, one_hot, rho
+
+
+def _addmm(bias, a, b, out):
+    """``bias + a @ b`` into ``out`` (a reused buffer) unless autograd is recording."""
+    if out is None or torch.is_grad_enabled():
+        return torch.addmm(bias, a, b)
+    return torch.addmm(bias, a, b, out=out)
+
+
+class Network_fc(EPNetwork):
+    def __init__(self, args):
+        """``args.layersList`` is input first (784 4096 10); internally sizes run output first."""
+        super().__init__()
+        self.sizes = list(reversed(args.layersList))  # [10, 4096, 784]
+        self.W = nn.ModuleList(nn.Linear(self.sizes[k + 1], self.sizes[k])
+                               for k in range(len(self.sizes) - 1))
+        names = [f"fc{k}" for k in range(len(self.W))]
+        self._setup_optimizers(args, [l.weight for l in self.W], [l.bias for l in self.W], names,
+                               [False] * len(self.W))
+
+    def prepare(self, x):
+        """Flatten a batch of images (B, C, H, W) to (B, n_input)."""
+        return x.reshape(x.shape[0], -1)
+
+    def target(self, labels):
+        """One-hot targets in {0, 1}, shape (10, B)."""
+        return one_hot(labels).t()
+
+    def output(self, s):
+        """Output states, shape (B, 10)."""
+        return s[0].t()
+
+    def initHidden(self, batch):
+        """Every state set to 1: a list of (n_k, B) tensors, output first."""
+        device = self.W[0].weight.device
+        return [torch.ones(n, batch, device=device) for n in self.sizes[:-1]]
+
+    def input_drive(self, x):
+        """``W[-1] x + b[-1]`` of shape (n_{L-2}, B), constant during both phases."""
+        layer = self.W[-1]
+        return torch.addmm(layer.bias.unsqueeze(1), layer.weight, x.t())
+
+    def stepper(self, s, drive, target=None, beta=0.0, out=None):
+        """One synchronous step, every layer from the previous states ``s``::
+
+            s[0] <- rho(W[0] s[1] + b[0])  (+ beta (y - s[0]) in the nudged phase)
+            s[k] <- rho(W[k] s[k+1] + b[k] + W[k-1]^T s[k-1])
+            every state clamped to [0, 1]
+
+        ``drive`` is ``W[-1] x + b[-1]``; ``out`` (optional) receives the new states.
+        """
+        n = len(s)
+        new = []
+        for k in range(n):
+            buf = None if out is None else out[k]
+            if k == n - 1:  # bottom state: constant input drive
+                a = drive.clone() if n == 1 else _addmm(drive, self.W[k - 1].weight.t(), s[k - 1], buf)
+            else:
+                a = _addmm(self.W[k].bias.unsqueeze(1), self.W[k].weight, s[k + 1], buf)
+                if k > 0:
+                    a = _addmm(a, self.W[k - 1].weight.t(), s[k - 1], a)
+            a = rho(a, self.activation)
+            if k == 0 and beta != 0:
+                a = nudge(a, s[0], target, beta)
+            new.append(a)
+        return new
+
+    def computeGradient(self, x, s_plus, s_minus, beta_span):
+        """Write the EP estimate of ``-dL/dW`` (negated, as ``.grad``) for every layer::
+
+            dW[k] = (s_+[k] s_+[k+1]^T - s_-[k] s_-[k+1]^T) / (beta_span B)
+            db[k] = sum_batch(s_+[k] - s_-[k]) / (beta_span B)
+
+        with ``s_+``/``s_-`` the nudged/free states (one-sided, ``beta_span = beta``) or the +beta
+        and -beta nudged states (symmetric, ``beta_span = 2 beta``).  The input layer uses
+        ``(s_+[L-2] - s_-[L-2]) x``: one product.
+        """
+        c = 1.0 / (beta_span * x.shape[0])
+        n = len(s_plus)
+        for k, layer in enumerate(self.W):
+            w, b = layer.weight, layer.bias
+            if w.grad is None:
+                w.grad = torch.empty_like(w)
+            if b.grad is None:
+                b.grad = torch.empty_like(b)
+            diff = s_plus[k] - s_minus[k]
+            if k == n - 1:
+                torch.addmm(w.grad, diff, x, beta=0, alpha=-c, out=w.grad)
+            else:
+                torch.addmm(w.grad, s_plus[k], s_plus[k + 1].t(), beta=0, alpha=-c, out=w.grad)
+                w.grad.addmm_(s_minus[k], s_minus[k + 1].t(), alpha=c)
+            torch.sum(diff, 1, out=b.grad).mul_(-c)

@@ -1,0 +1,378 @@
+"""Binary-weight Equilibrium Propagation: command line entry point (the seed's ``main.py``).
+
+Parses every seed argument, validates it before anything touches the disk, loads the data set,
+builds the fc or conv network, trains and tests it epoch by epoch and writes the run folder
+(``Hyperparameters.txt``, ``results.csv``, ``checkpoint.pt``, plots).  ``python main.py --help``.
+"""
+
+import argparse
+import math
+import os
+import random
+import sys
+
+DEFAULT_LISTS_FC = {"layersList": [784, 4096, 10], "gamma": [1e-5, 1e-4],
+                    "gradThreshold": [5e-7, 5e-7], "lrBias": [0.025, 0.05]}
+DEFAULT_LISTS_CONV = {"layersList": [10], "convList": [64, 32, 1], "gamma": [5e-8, 5e-8, 5e-8],
+                      "gradThreshold": [1e-8, 1e-8, 1e-8], "lrBias": [0.025, 0.05, 0.1]}
+# flags whose value may change when a run is resumed
+RESUME_FREE = {"resume", "epochs", "device", "dataDir", "outDir"}
+ORDER = "output layer first"
+
+
+def build_parser():
+    from shared_fc_conv import ACTIVATIONS, DATASETS
+    p = argparse.ArgumentParser(
+        prog="main.py", description="Binary-weight Equilibrium Propagation (fc or conv networks). "
+        "Per-layer lists (--gamma, --gradThreshold, --lrBias, --lrAlpha, ...) are ordered from the "
+        "OUTPUT layer down; --layersList is written input first, --convList top first.")
+    a = p.add_argument_group("hardware")
+    a.add_argument("--device", type=int, default=0, help="GPU index (0, 1, ...), -1 for the CPU "
+                   "(default 0; falls back to the CPU with a warning when CUDA is unavailable)")
+    a = p.add_argument_group("architecture")
+    a.add_argument("--archi", choices=("fc", "conv"), default="fc", help="fc or conv (default fc)")
+    a.add_argument("--layersList", type=int, nargs="+", help="fully connected layer sizes, input "
+                   "first (default 784 4096 10); for conv: the classifier layers (default 10)")
+    a.add_argument("--convList", type=int, nargs="+", help="conv channels, top first, input "
+                   "channels last (default 64 32 1)")
+    a.add_argument("--padding", type=int, default=0, help="padding of the convolutions (default 0)")
+    a.add_argument("--kernelSize", type=int, default=5, help="convolution kernel size (default 5)")
+    a.add_argument("--Fpool", type=int, default=2, help="max-pooling size and stride (default 2)")
+    a = p.add_argument_group("EqProp")
+    a.add_argument("--activationFun", choices=ACTIVATIONS, default="hardsigm",
+                   help="activation (default hardsigm = clamp(x, 0, 1))")
+    a.add_argument("--T", type=int, default=50, help="free phase steps (default 50)")
+    a.add_argument("--Kmax", type=int, default=10, help="nudged phase steps (default 10)")
+    a.add_argument("--beta", type=float, default=0.3, help="nudging strength (default 0.3)")
+    a.add_argument("--random_beta", type=int, choices=(0, 1), default=0,
+                   help="1: draw the sign of beta per mini-batch (default 0)")
+    a.add_argument("--nudging", choices=("one-sided", "symmetric"), default="one-sided",
+                   help="symmetric: +beta and -beta nudged phases (default one-sided)")
+    a.add_argument("--optim", choices=("ep", "bptt"), default="ep",
+                   help="gradient estimator fed to the binary optimizer (default ep)")
+    a.add_argument("--check", choices=("none", "gdu"), default="none",
+                   help="gdu: compare EP updates with BPTT gradients on one batch, then exit")
+    a = p.add_argument_group("binary optimization (lists: " + ORDER + ")")
+    a.add_argument("--gamma", type=float, nargs="+", help="low-pass filter constant per layer")
+    a.add_argument("--gamma_classi", type=float, nargs="+", help="conv: gamma of the classifier layers")
+    a.add_argument("--gamma_conv", type=float, nargs="+", help="conv: gamma of the conv layers (top first)")
+    a.add_argument("--gradThreshold", type=float, nargs="+", help="flip threshold per layer")
+    a.add_argument("--classi_threshold", type=float, nargs="+", help="conv: thresholds of the classifier")
+    a.add_argument("--conv_threshold", type=float, nargs="+", help="conv: thresholds of the conv layers")
+    a = p.add_argument_group("training")
+    a.add_argument("--dataset", choices=DATASETS, default="mnist", help="data set (default mnist)")
+    a.add_argument("--lrBias", type=float, nargs="+", help="SGD learning rate of the biases, per layer")
+    a.add_argument("--batchSize", type=int, default=64, help="training mini-batch size (default 64)")
+    a.add_argument("--test_batchSize", type=int, default=512, help="test mini-batch size (default 512)")
+    a.add_argument("--epochs", type=int, default=50, help="number of epochs (default 50)")
+    a.add_argument("--dataDir", default="./data", help="torchvision data root (default ./data)")
+    a.add_argument("--outDir", default=".", help="where DATA-0-... folders go (default .)")
+    a.add_argument("--seed", type=int, help="random seed (default: drawn and recorded)")
+    a.add_argument("--trainSubset", type=int, help="use only the first N training samples")
+    a.add_argument("--testSubset", type=int, help="use only the first N test samples")
+    a.add_argument("--resume", metavar="PATH", help="continue the run in this S-X folder")
+    a = p.add_argument_group("scaling factors")
+    a.add_argument("--learnAlpha", type=int, choices=(0, 1), default=0, help="1: learn alpha (default 0)")
+    a.add_argument("--lrAlpha", type=float, nargs="*", help="learning rate of each alpha (" + ORDER + ")")
+    a.add_argument("--decayLrAlpha", type=float, default=1.0, help="divide lrAlpha by this ...")
+    a.add_argument("--epochDecayLrAlpha", type=int, default=1, help="... from this epoch on (1-based)")
+    return p
+
+
+def fix_seed_spelling(argv, parser):
+    """Accept the seed's ``-- layersList`` (a space after ``--``) as ``--layersList``."""
+    names = {a.dest for a in parser._actions}
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--" and i + 1 < len(argv) and argv[i + 1] in names:
+            out.append("--" + argv[i + 1])
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
+def explicit_flags(argv):
+    return {tok[2:].split("=")[0] for tok in argv if tok.startswith("--") and len(tok) > 2}
+
+
+def _n_layers(args):
+    if args.archi == "fc":
+        return len(args.layersList) - 1, 0
+    return len(args.layersList), len(args.convList) - 1
+
+
+def normalise(parser, args, given):
+    """Fill architecture-dependent defaults, merge the conv split spellings, check list lengths."""
+    defaults = DEFAULT_LISTS_FC if args.archi == "fc" else DEFAULT_LISTS_CONV
+    for name in ("layersList", "convList"):
+        if getattr(args, name) is None:
+            setattr(args, name, defaults.get(name, DEFAULT_LISTS_CONV["convList"]))
+    n_fc, n_conv = _n_layers(args)
+    n = n_fc + n_conv
+    for whole, classi, conv in (("gamma", "gamma_classi", "gamma_conv"),
+                                ("gradThreshold", "classi_threshold", "conv_threshold")):
+        split = [f for f in (classi, conv) if f in given]
+        if split and args.archi != "conv":
+            parser.error(f"--{split[0]} is for --archi conv; use --{whole} with the fc architecture")
+        if split:
+            if whole in given:
+                parser.error(f"give either --{whole} or --{classi}/--{conv}, not both")
+            if len(split) != 2:
+                parser.error(f"--{classi} and --{conv} go together; give both (or --{whole} alone)")
+            for flag, count, what in ((classi, n_fc, "classifier"), (conv, n_conv, "convolution")):
+                if len(getattr(args, flag)) != count:
+                    parser.error(f"--{flag} needs {count} value(s), one per {what} layer "
+                                 f"({ORDER}), got {len(getattr(args, flag))}")
+            setattr(args, whole, getattr(args, classi) + getattr(args, conv))
+    if n < 1:
+        parser.error("--layersList needs at least 2 sizes (input and output) for --archi fc")
+    for name in ("gamma", "gradThreshold", "lrBias"):
+        if getattr(args, name) is None:
+            default = defaults[name]
+            if len(default) != n:
+                parser.error(f"--{name} is required for this architecture: give {n} values ({ORDER})")
+            setattr(args, name, list(default))
+    layout = (f"{n} weight layers ({ORDER})" if args.archi == "fc" else
+              f"{n} layers: {n_fc} classifier ({ORDER}) then {n_conv} convolution (top first)")
+    for name in ("gamma", "gradThreshold", "lrBias"):
+        if len(getattr(args, name)) != n:
+            parser.error(f"--{name} needs {n} values for {layout}, got {len(getattr(args, name))}")
+    if args.learnAlpha:
+        if not args.lrAlpha:
+            parser.error(f"--learnAlpha 1 needs --lrAlpha with {n} values for {layout}")
+        if len(args.lrAlpha) != n:
+            parser.error(f"--lrAlpha needs {n} values for {layout}, got {len(args.lrAlpha)}")
+    else:
+        if args.lrAlpha and len(args.lrAlpha) != n:
+            parser.error(f"--lrAlpha needs {n} values for {layout}, got {len(args.lrAlpha)}")
+        args.lrAlpha = list(args.lrAlpha) if args.lrAlpha else [0.0] * n
+
+
+def validate(parser, args):
+    """Every value check; runs before anything is created on disk."""
+    from shared_fc_conv import INPUT_SHAPE, N_CLASSES
+    positive = {"T": args.T, "Kmax": args.Kmax, "batchSize": args.batchSize,
+                "test_batchSize": args.test_batchSize, "epochs": args.epochs,
+                "kernelSize": args.kernelSize, "Fpool": args.Fpool,
+                "epochDecayLrAlpha": args.epochDecayLrAlpha}
+    for opt in ("trainSubset", "testSubset"):
+        if getattr(args, opt) is not None:
+            positive[opt] = getattr(args, opt)
+    for name, value in positive.items():
+        if value <= 0:
+            parser.error(f"--{name} must be a positive integer, got {value}")
+    for name in ("layersList",) + (("convList",) if args.archi == "conv" else ()):
+        bad = [v for v in getattr(args, name) if v <= 0]
+        if bad:
+            parser.error(f"--{name} sizes must be positive integers, got {bad[0]}")
+    if args.padding < 0:
+        parser.error(f"--padding must be 0 or more, got {args.padding}")
+    if not math.isfinite(args.beta) or args.beta == 0:
+        parser.error(f"--beta must be a finite non-zero number, got {args.beta}")
+    if not math.isfinite(args.decayLrAlpha) or args.decayLrAlpha <= 0:
+        parser.error(f"--decayLrAlpha must be positive, got {args.decayLrAlpha}")
+    for name, low_ok, high in (("gamma", False, 1.0), ("gradThreshold", True, None),
+                               ("lrBias", True, None), ("lrAlpha", True, None)):
+        for v in getattr(args, name):
+            if not math.isfinite(v) or v < 0 or (v == 0 and not low_ok) or (high and v > high):
+                rng = "in (0, 1]" if high else "0 or more"
+                parser.error(f"--{name} values must be {rng}, got {v}")
+    if args.layersList[-1] != N_CLASSES:
+        parser.error(f"--layersList must end with {N_CLASSES} output units (the classes), got "
+                     f"{args.layersList[-1]}")
+    shape = INPUT_SHAPE[args.dataset]
+    if args.archi == "fc" and args.layersList[0] != shape[0] * shape[1] * shape[2]:
+        parser.error(f"--layersList must start with {shape[0] * shape[1] * shape[2]} inputs for "
+                     f"{args.dataset} ({'x'.join(map(str, shape))} images), got {args.layersList[0]}")
+    if args.archi == "conv":
+        if args.convList[-1] != shape[0]:
+            parser.error(f"--convList must end with {shape[0]} input channel(s) for {args.dataset}, "
+                         f"got {args.convList[-1]}")
+        if len(args.convList) < 2:
+            parser.error("--convList needs at least 2 values (output channels ... input channels)")
+        from Network_conv import conv_geometry
+        from shared_fc_conv import UserError
+        try:
+            conv_geometry(args, shape)
+        except UserError as e:
+            parser.error(str(e))
+    if args.optim == "bptt" and args.Kmax > args.T:
+        parser.error(f"--optim bptt differentiates through the last Kmax free steps: --Kmax "
+                     f"({args.Kmax}) must not exceed --T ({args.T})")
+    check_out_dir(parser, args.outDir)
+
+
+def check_out_dir(parser, out_dir):
+    probe = os.path.abspath(out_dir)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        parser.error(f"--outDir {out_dir} is not a folder ({probe} is a file); choose a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        parser.error(f"--outDir {out_dir} is not writable ({probe}); choose a folder you can write to")
+
+
+def select_device(parser, index):
+    import torch
+    if index < 0:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        print(f"warning: --device {index} asked for a GPU but CUDA is not available; running on the CPU",
+              file=sys.stderr)
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if index >= count:
+        names = ", ".join(f"{i} ({torch.cuda.get_device_name(i)})" for i in range(count))
+        parser.error(f"--device {index} does not exist; available GPUs: {names}; use -1 for the CPU")
+    return torch.device("cuda", index)
+
+
+def parse(argv):
+    """argv -> (parser, args, normalised argv); exits with a one-line error on bad input."""
+    parser = build_parser()
+    argv = fix_seed_spelling(list(argv), parser)
+    args = parser.parse_args(argv)
+    given = explicit_flags(argv)
+    if args.resume:
+        args = resumed_args(parser, args, given)
+        return parser, args, argv
+    normalise(parser, args, given)
+    validate(parser, args)
+    if args.seed is None:
+        args.seed = random.SystemRandom().randrange(2 ** 31)
+    return parser, args, argv
+
+
+def resumed_args(parser, args, given):
+    """The saved arguments of ``--resume PATH``, checked against the flags given with it."""
+    import torch
+    path = args.resume
+    ckpt = os.path.join(path, "checkpoint.pt")
+    if not os.path.isfile(ckpt) or not os.path.isfile(os.path.join(path, "Hyperparameters.txt")):
+        parser.error(f"--resume {path} is not a run folder with checkpoint.pt and Hyperparameters.txt "
+                     f"(give an S-<n> folder whose first epoch finished)")
+    try:
+        saved = torch.load(ckpt, map_location="cpu", weights_only=False)["args"]
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is the same user error
+        parser.error(f"--resume {path}: checkpoint.pt cannot be read ({type(e).__name__}); it is "
+                     f"damaged, resume from a copy or start a new run")
+    conflicts = sorted(f for f in given - RESUME_FREE
+                       if f in saved and getattr(args, f, None) != saved[f])
+    if conflicts:
+        parser.error("--resume keeps the saved settings; these flags differ from the run's: "
+                     + ", ".join(f"--{f} (saved {saved[f]}, given {getattr(args, f)})" for f in conflicts))
+    new = argparse.Namespace(**saved)
+    for f in RESUME_FREE & (given | {"resume"}):
+        setattr(new, f, getattr(args, f))
+    if new.epochs < saved["epochs"]:
+        parser.error(f"--epochs can only be raised when resuming (saved {saved['epochs']}, given {new.epochs})")
+    new.outDir = saved["outDir"]
+    return new
+
+
+def build_network(args):
+    if args.archi == "fc":
+        from Network_fc import Network_fc
+        return Network_fc(args)
+    from Network_conv import Network_conv
+    return Network_conv(args)
+
+
+def plot_run(path):
+    """Draw the run's PNG figures with the plotting script kept beside the code."""
+    try:
+        import plotFunctions
+        df = plotFunctions.read_run(path)
+        if df is not None:
+            plotFunctions.plot_one(path, df)
+    except Exception as e:  # noqa: BLE001 - a plotting problem must never lose a finished run
+        print(f"warning: could not draw the plots of {path} ({e})", file=sys.stderr)
+
+
+def run(args, argv, parser):
+    import torch
+    import shared_fc_conv as sh
+    device = select_device(parser, args.device)
+    torch.manual_seed(args.seed)
+    sh.np.random.seed(args.seed % 2 ** 32)
+    generators = {"data": torch.Generator().manual_seed(args.seed),
+                  "beta": torch.Generator().manual_seed(args.seed + 1)}
+    train_loader, test_loader = sh.load_data(args, generators["data"])
+    net = build_network(args).to(device)
+    if args.check == "gdu":
+        from learning_rule_check import run_gdu_check
+        return run_gdu_check(args, net, train_loader, argv)
+    estimator = None
+    if args.optim == "bptt":
+        from learning_rule_check import bptt_step as estimator
+    beta_rng = generators["beta"] if args.random_beta else None
+    sh.install_signal_handlers()
+    if args.resume:
+        path = args.resume
+        done = sh.load_checkpoint(path, net, generators)
+        df = sh.initDataframe(path, net.layer_names)
+        df = df[df.index <= done]
+        print(f"resuming {path} after epoch {done}", file=sys.stderr)
+    else:
+        path = sh.createPath(args)
+        sh.saveHyperparameters(path, args, argv)
+        df, done = sh.initDataframe(path, net.layer_names), 0
+    print(f"run folder: {path}", file=sys.stderr)
+    epoch = done + 1
+    try:
+        bar = sh.tqdm(range(done + 1, args.epochs + 1), desc="epochs", initial=done, total=args.epochs,
+                      disable=os.environ.get("EP_NO_PROGRESS") == "1")
+        for epoch in bar:
+            start = sh.timer()
+            train = sh.train_epoch(net, train_loader, epoch, beta_rng, estimator)
+            test = sh.test_epoch(net, test_loader, epoch)
+            seconds = sh.timer() - start
+            with sh.critical():
+                df = sh.updateDataframe(path, df, epoch, train, test, net, seconds)
+                sh.save_checkpoint(path, net, epoch, args, generators)
+            done = epoch
+            sh.tqdm.write(f"epoch {epoch}/{args.epochs}: train error {train['train_error']:.2f}% "
+                          f"test error {test['test_error']:.2f}% train loss {train['train_loss']:.4f} "
+                          f"test loss {test['test_loss']:.4f} flips {sum(train['flips']):.0f} "
+                          f"({seconds:.1f} s)", file=sys.stderr)
+    except sh.Interrupted as e:
+        code = 128 + e.signum
+        if done == 0:
+            sh.shutil.rmtree(path, ignore_errors=True)
+            print(f"interrupted ({e}) before the first epoch finished; nothing to resume, {path} removed",
+                  file=sys.stderr)
+            return code
+        plot_run(path)
+        print(f"interrupted ({e}) during epoch {epoch}; epochs 1-{done} are saved; continue with: "
+              f"python main.py --resume {path}", file=sys.stderr)
+        return code
+    except sh.Diverged as e:
+        if done:
+            plot_run(path)
+        where = f"the last good checkpoint (epoch {done}) is in {path}" if done else \
+            f"no epoch finished, so {path} holds no checkpoint"
+        print(f"main.py: error: training diverged: {e}; {where}; try smaller learning rates, "
+              f"thresholds or beta", file=sys.stderr)
+        return 3
+    plot_run(path)
+    return 0
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    parser, args, argv = parse(argv)
+    import shared_fc_conv as sh
+    try:
+        return run(args, argv, parser)
+    except sh.UserError as e:
+        print(f"main.py: error: {e}", file=sys.stderr)
+        return 2
+    except sh.Interrupted as e:  # before training started: nothing was written
+        print(f"interrupted ({e}) before training started; nothing was saved", file=sys.stderr)
+        return 128 + e.signum
+
+
+if __name__ == "__main__":
+    sys.exit(main())
