@@ -1,0 +1,96 @@
+"""Training throughput and peak memory of the seed's configurations on synthetic data.
+
+    python benchmarks/benchmark.py [--device -1|0] [--configs fc1h ...] [--repeats 5] [--batches 20]
+
+For each configuration: build the network exactly as ``main.py`` would, then time ``--batches``
+training steps (free phase, nudged phase, gradient, flip update) on random inputs, ``--repeats``
+times after one warm-up; the table reports the median samples/s (and min/max) and the peak
+memory (CUDA: ``max_memory_allocated``; CPU: growth of the process's peak RSS during the runs).
+"""
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import main as ep_main  # noqa: E402
+from shared_fc_conv import INPUT_SHAPE, one_hot  # noqa: E402
+
+# name -> (command-line arguments as in the seed, dataset whose geometry the input takes)
+CONFIGS = {
+    "fc1h": "--archi fc --layersList 784 4096 10 --T 50 --Kmax 10 --beta 0.3 --gamma 1e-5 1e-4 "
+            "--gradThreshold 5e-7 5e-7 --lrBias 0.025 0.05 --batchSize 64 --dataset mnist",
+    "fc2h": "--archi fc --layersList 784 4096 4096 10 --T 250 --Kmax 10 --beta 0.3 --gamma 5e-6 2e-5 2e-5 "
+            "--gradThreshold 5e-7 5e-7 5e-7 --lrBias 0.025 0.05 0.1 --batchSize 64 --dataset mnist",
+}
+
+
+def build(config, device):
+    argv = CONFIGS[config].split() + ["--device", "-1", "--seed", "0", "--outDir", "/tmp"]
+    _, args, _ = ep_main.parse(argv)
+    torch.manual_seed(0)
+    net = ep_main.build_network(args).to(device)
+    return net, args
+
+
+def time_config(config, device, repeats, batches):
+    net, args = build(config, device)
+    shape = INPUT_SHAPE[args.dataset]
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.rand((args.batchSize,) + shape, generator=g) for _ in range(4)]
+    ys = [torch.randint(0, 10, (args.batchSize,), generator=g) for _ in range(4)]
+
+    def step(i):
+        x = net.prepare(xs[i % 4].to(device))
+        target = net.target(ys[i % 4].to(device))
+        net.ep_step(x, target, args.beta)
+        net.updateWeights()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rates = []
+    with torch.no_grad():
+        for r in range(repeats + 1):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            for i in range(batches):
+                step(i)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if r:  # the first pass is a warm-up
+                rates.append(batches * args.batchSize / (time.perf_counter() - start))
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    else:
+        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+    return statistics.median(rates), min(rates), max(rates), peak
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", type=int, default=-1, help="-1 CPU (default), N GPU N")
+    p.add_argument("--configs", nargs="+", default=["fc1h"], choices=sorted(CONFIGS))
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--batches", type=int, default=20)
+    a = p.parse_args()
+    device = torch.device("cpu") if a.device < 0 else torch.device("cuda", a.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {where}; torch {torch.__version__}; median of {a.repeats} runs of {a.batches} batches")
+    print(f"{'config':8} {'samples/s (median)':>20} {'min':>10} {'max':>10} {'peak MiB':>10}")
+    for c in a.configs:
+        med, lo, hi, peak = time_config(c, device, a.repeats, a.batches)
+        print(f"{c:8} {med:20.0f} {lo:10.0f} {hi:10.0f} {peak:10.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
