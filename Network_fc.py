@@ -7,10 +7,15 @@ is clamped.  ``W[k]`` (an ``nn.Linear`` of weight shape (n_k, n_{k+1})) maps ``s
 ordered like ``W``: output layer first.
 """
 
+from collections import namedtuple
+
 import torch
 import torch.nn as nn
 
 from shared_fc_conv import EPNetwork, nudge, one_hot, rho
+
+
+FcConstants = namedtuple("FcConstants", "x W WT b")
 
 
 def _addmm(bias, a, b, out):
@@ -37,7 +42,7 @@ class Network_fc(EPNetwork):
 
     def target(self, labels):
         """One-hot targets in {0, 1}, shape (10, B)."""
-        return one_hot(labels).t()
+        return one_hot(labels).to(self.W[0].weight.dtype).t()
 
     def output(self, s):
         """Output states, shape (B, 10)."""
@@ -45,13 +50,18 @@ class Network_fc(EPNetwork):
 
     def initHidden(self, batch):
         """Every state set to 1: a list of (n_k, B) tensors, output first."""
-        device = self.W[0].weight.device
-        return [torch.ones(n, batch, device=device) for n in self.sizes[:-1]]
+        w = self.W[0].weight
+        return [torch.ones(n, batch, device=w.device, dtype=w.dtype) for n in self.sizes[:-1]]
 
     def input_drive(self, x):
-        """``W[-1] x + b[-1]`` of shape (n_{L-2}, B), constant during both phases."""
+        """The batch's constants during both phases: ``W[-1] x + b[-1]`` of shape (n_{L-2}, B),
+        plus the weight matrices, their contiguous transposes and the bias columns the stepper
+        uses (made once per batch instead of once per step)."""
         layer = self.W[-1]
-        return torch.addmm(layer.bias.unsqueeze(1), layer.weight, x.t())
+        weights = [l.weight for l in self.W]
+        return FcConstants(torch.addmm(layer.bias.unsqueeze(1), layer.weight, x.t()), weights,
+                           [w.t().contiguous() for w in weights[:-1]],
+                           [l.bias.unsqueeze(1) for l in self.W])
 
     def stepper(self, s, drive, target=None, beta=0.0, out=None):
         """One synchronous step, every layer from the previous states ``s``::
@@ -60,18 +70,19 @@ class Network_fc(EPNetwork):
             s[k] <- rho(W[k] s[k+1] + b[k] + W[k-1]^T s[k-1])
             every state clamped to [0, 1]
 
-        ``drive`` is ``W[-1] x + b[-1]``; ``out`` (optional) receives the new states.
+        ``drive`` comes from ``input_drive`` (``drive.x`` is ``W[-1] x + b[-1]``); ``out``
+        (optional) receives the new states.
         """
         n = len(s)
         new = []
         for k in range(n):
             buf = None if out is None else out[k]
             if k == n - 1:  # bottom state: constant input drive
-                a = drive.clone() if n == 1 else _addmm(drive, self.W[k - 1].weight.t(), s[k - 1], buf)
+                a = drive.x.clone() if n == 1 else _addmm(drive.x, drive.WT[k - 1], s[k - 1], buf)
             else:
-                a = _addmm(self.W[k].bias.unsqueeze(1), self.W[k].weight, s[k + 1], buf)
+                a = _addmm(drive.b[k], drive.W[k], s[k + 1], buf)
                 if k > 0:
-                    a = _addmm(a, self.W[k - 1].weight.t(), s[k - 1], a)
+                    a = _addmm(a, drive.WT[k - 1], s[k - 1], a)
             a = rho(a, self.activation)
             if k == 0 and beta != 0:
                 a = nudge(a, s[0], target, beta)
