@@ -20,9 +20,16 @@ RESUME_FREE = {"resume", "epochs", "device", "dataDir", "outDir"}
 ORDER = "output layer first"
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``main.py: error: <what is wrong and how to fix it>``."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see python main.py --help)\n")
+
+
 def build_parser():
     from shared_fc_conv import ACTIVATIONS, DATASETS
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="main.py", description="Binary-weight Equilibrium Propagation (fc or conv networks). "
         "Per-layer lists (--gamma, --gradThreshold, --lrBias, --lrAlpha, ...) are ordered from the "
         "OUTPUT layer down; --layersList is written input first, --convList top first.")
@@ -142,6 +149,12 @@ def normalise(parser, args, given):
     if args.learnAlpha:
         if not args.lrAlpha:
             parser.error(f"--learnAlpha 1 needs --lrAlpha with {n} values for {layout}")
+        if len(args.lrAlpha) < n:
+            # The seed's fc-2h learnt-alpha line gives 2 values for 3 layers and must run as
+            # printed: the last value serves the remaining (input-side) layers, said aloud.
+            print(f"warning: --lrAlpha has {len(args.lrAlpha)} value(s) for {layout}; the last "
+                  f"value is used for the remaining input-side layer(s)", file=sys.stderr)
+            args.lrAlpha = list(args.lrAlpha) + [args.lrAlpha[-1]] * (n - len(args.lrAlpha))
         if len(args.lrAlpha) != n:
             parser.error(f"--lrAlpha needs {n} values for {layout}, got {len(args.lrAlpha)}")
     else:
