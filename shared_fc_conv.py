@@ -457,7 +457,7 @@ def updateDataframe(path, df, epoch, train, test, net, seconds):
     for name, n, size, alpha in zip(net.layer_names, train["flips"], net.n_weights, net.alphas()):
         row[f"flips_{name}"] = n
         row[f"fliprate_{name}"] = 100.0 * n / size
-        row[f"alpha_{name}"] = alpha
+        row[f"alpha_{name}"] = float(f"{alpha:.7g}")  # float32 precision: 0.0629, not 0.06289999932
     df.loc[epoch] = [row[c] for c in df.columns]
     atomic_write(os.path.join(path, "results.csv"), lambda tmp: df.to_csv(tmp, index_label="epoch"))
     return df

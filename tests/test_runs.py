@@ -1,0 +1,158 @@
+"""Run folders and what a run leaves on disk: numbering, Hyperparameters.txt, results.csv,
+checkpoint.pt, the copied plotFunctions.py and its figures, device fallback, offline data."""
+
+import ast
+import os
+import subprocess
+import sys
+import threading
+
+import pandas as pd
+import pytest
+import torch
+
+import main
+import shared_fc_conv as sh
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICK = ("--archi fc --dataset digits --layersList 64 32 10 --T 8 --Kmax 3 --beta 0.5 --gamma 1e-2 1e-2 "
+         "--gradThreshold 1e-4 1e-4 --lrBias 0.05 0.1 --batchSize 32 --test_batchSize 200 "
+         "--trainSubset 256 --testSubset 200 --seed 0").split()
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def cli(args, **kw):
+    env = dict(os.environ, EP_NO_PROGRESS="1", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, os.path.join(ROOT, "main.py")] + args, capture_output=True,
+                          text=True, env=env, timeout=300, **kw)
+
+
+def only_run(out):
+    runs = sorted(out.glob("DATA-0-*/*/S-*"))
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def test_two_epoch_run_writes_every_file_and_column(tmp_path):
+    assert main.main(["--device", "-1", "--epochs", "2", "--outDir", str(tmp_path)] + QUICK) == 0
+    run = only_run(tmp_path)
+    assert run.name == "S-1" and run.parent.parent.name == "DATA-0-fc-digits"
+    assert (run.parent / "plotFunctions.py").read_bytes() == open(os.path.join(ROOT, "plotFunctions.py"), "rb").read()
+    df = pd.read_csv(run / "results.csv", index_col="epoch")
+    assert list(df.index) == [1, 2]
+    assert list(df.columns) == ["train_error", "test_error", "train_loss", "test_loss",
+                                "flips_fc0", "flips_fc1", "fliprate_fc0", "fliprate_fc1",
+                                "alpha_fc0", "alpha_fc1", "epoch_seconds"]
+    assert ((df[["train_error", "test_error"]] >= 0) & (df[["train_error", "test_error"]] <= 100)).all().all()
+    assert (df[["train_loss", "test_loss"]] > 0).all().all()
+    assert df["fliprate_fc0"].tolist() == pytest.approx((100 * df["flips_fc0"] / (10 * 32)).tolist())
+    assert df["fliprate_fc1"].tolist() == pytest.approx((100 * df["flips_fc1"] / (32 * 64)).tolist())
+    assert (df["flips_fc1"] > 0).all() and (df["epoch_seconds"] > 0).all()
+    # fixed alpha: the XNOR-Net initial value, 4 decimals, unchanged
+    assert df["alpha_fc1"].round(4).tolist() == df["alpha_fc1"].tolist()[:1] * 2
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert ckpt["epoch"] == 2 and set(ckpt) >= {"model", "optW", "optB", "rng", "generators", "args"}
+    assert ckpt["optW"]["state"][1]["filtered_grad"].shape == (32, 64)
+    for png in ("errors.png", "losses.png", "fliprates.png", "alpha.png"):
+        assert (run / png).read_bytes()[:8] == PNG
+    hp = (run / "Hyperparameters.txt").read_text().splitlines()
+    assert hp[1].startswith("command: python main.py --device -1 --epochs 2")
+    values = dict(line.split(": ", 1) for line in hp[2:])
+    assert values["gamma"] == "0.01 0.01" and values["layersList"] == "64 32 10"
+    assert values["seed"] == "0" and values["archi"] == "fc" and values["learnAlpha"] == "0"
+    assert set(values) >= {a.dest for a in main.build_parser()._actions if a.dest != "help"}
+    assert not list(run.glob(".*.tmp"))
+
+
+def test_parallel_runs_take_distinct_folders(tmp_path):
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), "--device", "-1",
+                               "--epochs", "1", "--outDir", str(tmp_path)] + QUICK,
+                              env=dict(os.environ, EP_NO_PROGRESS="1", OMP_NUM_THREADS="1"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read().decode()
+    runs = sorted(p.name for p in tmp_path.glob("DATA-0-fc-digits/*/S-*"))
+    assert runs == ["S-1", "S-2"]
+    for name in runs:
+        (run,) = tmp_path.glob(f"DATA-0-fc-digits/*/{name}")
+        assert len(pd.read_csv(run / "results.csv")) == 1 and (run / "checkpoint.pt").exists()
+
+
+def test_createPath_is_atomic_under_threads(tmp_path):
+    args = main.argparse.Namespace(outDir=str(tmp_path), archi="fc", dataset="digits")
+    made, barrier = [], threading.Barrier(16)
+
+    def take():
+        barrier.wait()
+        made.append(sh.createPath(args))
+    threads = [threading.Thread(target=take) for _ in range(16)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert sorted(os.path.basename(p) for p in made) == sorted(f"S-{i}" for i in range(1, 17))
+
+
+def synthetic_results(folder, seed, epochs=5):
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.rand(epochs, generator=g).tolist()
+    df = pd.DataFrame({"train_error": [50 / (e + 1) + n for e, n in enumerate(noise)],
+                       "test_error": [55 / (e + 1) + n for e, n in enumerate(noise)],
+                       "train_loss": [0.5 / (e + 1) for e in range(epochs)],
+                       "test_loss": [0.6 / (e + 1) for e in range(epochs)],
+                       "flips_fc0": [100.0] * epochs, "fliprate_fc0": [10.0 / (e + 1) for e in range(epochs)],
+                       "alpha_fc0": [0.03] * epochs, "epoch_seconds": [1.0] * epochs},
+                      index=pd.Index(range(1, epochs + 1), name="epoch"))
+    os.makedirs(folder)
+    df.to_csv(os.path.join(folder, "results.csv"))
+
+
+def test_plotFunctions_draws_every_run_and_the_summary(tmp_path):
+    date = tmp_path / "DATA-0-fc-mnist" / "2026-01-01"
+    date.mkdir(parents=True)
+    (date / "plotFunctions.py").write_bytes(open(os.path.join(ROOT, "plotFunctions.py"), "rb").read())
+    for i in (1, 2, 3):
+        synthetic_results(date / f"S-{i}", seed=i)
+    os.makedirs(date / "S-4")  # a run that has not finished an epoch yet is skipped
+    r = subprocess.run([sys.executable, "plotFunctions.py"], cwd=date, capture_output=True, text=True,
+                       timeout=120, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert r.returncode == 0, r.stderr
+    for name in ("errors", "losses", "fliprates", "alpha"):
+        assert (date / f"summary_{name}.png").read_bytes()[:8] == PNG
+        for i in (1, 2, 3):
+            assert (date / f"S-{i}" / f"{name}.png").stat().st_size > 5000
+    # standalone: it imports nothing from the project
+    tree = ast.parse(open(os.path.join(ROOT, "plotFunctions.py")).read())
+    imported = {n.names[0].name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert imported <= {"glob", "os", "re", "sys", "matplotlib", "pandas"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the fallback is for machines without CUDA")
+def test_device_0_without_cuda_warns_and_runs_on_cpu(tmp_path):
+    r = cli(["--device", "0", "--epochs", "1", "--outDir", str(tmp_path)] + QUICK)
+    assert r.returncode == 0, r.stderr
+    assert "warning: --device 0 asked for a GPU but CUDA is not available; running on the CPU" in r.stderr
+    assert "Traceback" not in r.stderr
+    only_run(tmp_path)
+
+
+def test_mnist_offline_without_files_is_one_clear_sentence(tmp_path):
+    data, out = tmp_path / "data", tmp_path / "out"
+    data.mkdir()
+    r = cli(["--device", "-1", "--dataset", "mnist", "--dataDir", str(data), "--outDir", str(out), "--epochs", "1"])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    msg = r.stderr.strip().splitlines()[-1]
+    assert "MNIST/raw" in msg and "train-images-idx3-ubyte" in msg and "t10k-labels-idx1-ubyte" in msg
+    assert not out.exists() and list(data.iterdir()) == []
+
+
+def test_fashion_mnist_found_in_debian_folder(tmp_path):
+    if not os.path.isdir(sh.DEBIAN_FASHION_MNIST):
+        pytest.skip("Debian's dataset-fashion-mnist package is not installed")
+    args = main.argparse.Namespace(dataset="fashion_mnist", dataDir=str(tmp_path), trainSubset=100,
+                                   testSubset=50, batchSize=10, test_batchSize=50)
+    train, test = sh.load_data(args, torch.Generator().manual_seed(0))
+    assert (len(train), len(test)) == (10, 1)
+    x, y = next(iter(test))
+    assert x.shape == (50, 1, 28, 28) and 0 <= float(x.min()) and float(x.max()) <= 1
+    assert sorted(os.listdir(tmp_path / "FashionMNIST" / "raw")) == sorted(sh.MNIST_FILES)
+    assert y.tolist()[:5] == [9, 2, 1, 1, 6]  # the first labels of Fashion-MNIST's test set
