@@ -159,7 +159,8 @@ class BinaryFlip(torch.optim.Optimizer):
                 torch.mul(grad, w, out=product)
                 new_alpha = alpha - group["lr_alpha"] * 0.5 * product.sum(dims, keepdim=True)
             torch.mul(w, m, out=product)
-            torch.gt(product, alpha * group["threshold"], out=flip)  # 1.0 where w flips
+            limit = alpha * group["threshold"] if per_channel else float(alpha) * group["threshold"]
+            torch.gt(product, limit, out=flip)  # 1.0 where w flips
             flips.append(flip.sum())
             w.addcmul_(flip, w, value=-2.0)
             if group["lr_alpha"]:
