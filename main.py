@@ -211,8 +211,9 @@ def validate(parser, args):
             conv_geometry(args, shape)
         except UserError as e:
             parser.error(str(e))
-    if args.optim == "bptt" and args.Kmax > args.T:
-        parser.error(f"--optim bptt differentiates through the last Kmax free steps: --Kmax "
+    if (args.optim == "bptt" or args.check == "gdu") and args.Kmax > args.T:
+        what = "--optim bptt" if args.optim == "bptt" else "--check gdu"
+        parser.error(f"{what} differentiates through the last Kmax free steps: --Kmax "
                      f"({args.Kmax}) must not exceed --T ({args.T})")
     check_out_dir(parser, args.outDir)
 

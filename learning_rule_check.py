@@ -1,0 +1,288 @@
+"""Checking the learning rule: a BPTT baseline and the EP-versus-BPTT gradient check.
+
+Both work for any network built on ``shared_fc_conv.EPNetwork`` (fc and conv alike): they use
+only ``initHidden``, ``input_drive``, ``forward``/``stepper``, ``computeGradient``,
+``binary_weights`` and ``biases``.
+
+* ``bptt_step(net, x, target, beta)``: the estimator behind ``--optim bptt``.  It runs the free
+  phase and writes into ``.grad`` the exact gradient of the loss
+  ``L = ||s[0] - y||^2 / 2`` (summed over the output units, averaged over the batch, the same
+  normalisation as EP's ``dW / (beta B)``), obtained by autograd through the last ``Kmax`` free
+  steps.  The binary optimizer and the bias SGD then use it exactly as they use EP's ``-dW``.
+
+* ``gdu_rows(net, x, target, beta, Kmax, nudging)`` / ``run_gdu_check(args, net, loader, argv)``:
+  the check behind ``--check gdu`` (the "gradient descent updates" property of Ernoult et al.
+  2019, "Updates of Equilibrium Prop match gradients of Backprop Through Time in an RNN with
+  static input").  On one batch, for k = 1..Kmax, the EP update after k nudged steps (from the
+  free fixed point) is compared with the BPTT gradient of ``L`` truncated to the last k free
+  steps, per layer, for weights and biases: cosine similarity and relative error
+  ``||ep - bptt|| / ||bptt||``.  Written to ``gdu.csv`` and ``gdu.png`` in a new run folder.
+  A diagnostic pair of columns repeats the comparison with the nudge passed through the slope
+  of the output activation (``slope_target``): the seed's nudge ``beta (y - s[0])`` is added
+  after the activation, so it also moves saturated output units, whose true gradient is zero;
+  that is the one place where the seed's EP departs from EP's theory.
+
+Sign convention: both sides are compared as loss gradients, i.e. as what ends up in ``.grad``
+(EP writes ``-dW``, the estimate of ``dL/dW``).
+"""
+
+import math
+import os
+import sys
+
+import torch
+
+import shared_fc_conv as sh
+
+GDU_COLUMNS = ["k", "layer", "quantity", "cosine", "rel_error", "cosine_slope_nudge",
+               "rel_error_slope_nudge", "ep_norm", "bptt_norm", "beta", "nudging"]
+
+
+def _loss(net, s, target, batch):
+    """``||s[0] - y||^2 / 2`` summed over the output units, averaged over the batch."""
+    return 0.5 * (s[0] - target).pow(2).sum() / batch
+
+
+def _relax(net, s, drive, steps, target=None, beta=0.0):
+    """``steps`` free (or nudged) steps without graph; returns new tensors, ``s`` is untouched."""
+    if steps == 0:
+        return [v.clone() for v in s]
+    return net.forward([v.clone() for v in s], drive, steps, target, beta)
+
+
+def _truncated_gradient(net, x, s_start, target, steps):
+    """Gradient of ``L(s_T)`` w.r.t. every binary weight and bias, by autograd through ``steps``
+    free steps from ``s_start`` (treated as a constant).  Returns (grads, final states); the
+    graph is freed before returning, the states are detached."""
+    params = net.binary_weights() + net.biases()
+    with torch.enable_grad():
+        drive = net.input_drive(x)  # rebuilt with graph: the input weights and biases live here
+        s = net.forward([v.detach() for v in s_start], drive, steps)
+        loss = _loss(net, s, target, x.shape[0])
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+    return grads, [v.detach() for v in s]
+
+
+def bptt_step(net, x, target, beta=None):
+    """The ``--optim bptt`` estimator: free phase of ``T`` steps from ``initHidden``, the first
+    ``T - Kmax`` without graph, the last ``Kmax`` through autograd; the gradient of
+    ``L = ||s[0] - y||^2 / 2`` (batch mean) w.r.t. every binary weight and bias is written into
+    ``.grad``.  ``beta`` is unused (accepted so the signature matches ``ep_step``).  Returns the
+    detached free-phase states; no graph survives the call."""
+    T = net.args.T
+    K = min(net.args.Kmax, T)
+    with torch.no_grad():
+        drive = net.input_drive(x)
+        s = net.initHidden(x.shape[0])
+        if T - K:
+            s = net.forward(s, drive, T - K)
+        del drive
+    grads, s = _truncated_gradient(net, x, s, target, K)
+    for p, g in zip(net.binary_weights() + net.biases(), grads):
+        if p.grad is None or p.grad.shape != p.shape:
+            p.grad = g.detach()
+        else:
+            p.grad.copy_(g)
+    return s
+
+
+# ----------------------------------------------------------------------------------------------
+# The gradient-matching check
+# ----------------------------------------------------------------------------------------------
+def output_slope(s_out, activation):
+    """Slope ``rho'(a)`` of the output activation at the pre-activation ``a`` that produced the
+    output states ``s_out = rho(a)``, read off the states themselves (elementwise, same shape):
+    hardsigm: 1 inside (0, 1), 0 where saturated; sigm (slope-4 logistic): ``4 s (1 - s)``;
+    tanh clamped to [0, 1]: ``1 - s^2`` inside (0, 1), 0 where clamped."""
+    inside = ((s_out > 0) & (s_out < 1)).to(s_out.dtype)
+    if activation == "hardsigm":
+        return inside
+    if activation == "sigm":
+        return 4 * s_out * (1 - s_out)
+    if activation == "tanh":
+        return inside * (1 - s_out * s_out)
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def slope_target(net, s_free, target):
+    """The target that makes the seed's nudge ``beta (y - s[0])`` (added after the activation)
+    act, to first order in beta, like the nudge of EP's theory, ``rho(a + beta (y - s[0]))``
+    (inside the activation): ``y' = s* - rho'(a*) (s* - y)`` at the free fixed point ``s*``.
+    For hardsigm: saturated output units are not nudged (``y' = s*`` there), the others as before.
+    BPTT's gradient is the same for ``y`` and ``y'`` (the loss gradient reaches the network
+    through ``rho'`` anyway), so EP with ``y'`` isolates the effect of where the nudge enters."""
+    s0 = s_free[0]
+    return s0 - output_slope(s0, net.activation) * (s0 - target)
+
+
+def _grads_of(params):
+    return [p.grad.detach().clone() for p in params]
+
+
+def _compare(ep, bptt):
+    """(cosine, relative error, ||ep||, ||bptt||) of two gradient tensors, in float64.
+    Cosine and relative error are NaN when the BPTT gradient is exactly zero (nothing to match:
+    e.g. the input layer of a deep net cannot reach the output in k = 1 step)."""
+    e, b = ep.detach().double().flatten(), bptt.detach().double().flatten()
+    ne, nb = float(e.norm()), float(b.norm())
+    if nb == 0.0:
+        return math.nan, math.nan, ne, nb
+    cos = float(e @ b) / (ne * nb) if ne > 0 else 0.0
+    return cos, float((e - b).norm()) / nb, ne, nb
+
+
+def free_trajectory_tail(net, x, Kmax):
+    """Free phase of ``T`` steps; returns (drive, states at steps T-Kmax, ..., T) (Kmax + 1 lists,
+    the last one is the free fixed point)."""
+    T = net.args.T
+    with torch.no_grad():
+        drive = net.input_drive(x)
+        s = _relax(net, net.initHidden(x.shape[0]), drive, T - Kmax)
+        tail = [s]
+        for _ in range(Kmax):
+            s = _relax(net, s, drive, 1)
+            tail.append(s)
+    return drive, tail
+
+
+def ep_updates(net, x, drive, s_free, target, beta, Kmax, nudging="one-sided"):
+    """EP's ``.grad`` (estimate of ``dL/dtheta``) after k = 1..Kmax nudged steps from the free
+    fixed point ``s_free``; one-sided: ``+beta``; symmetric: ``+beta`` and ``-beta`` phases.
+    Returns a list (over k) of lists (weights then biases, output layer first)."""
+    params = net.binary_weights() + net.biases()
+    out = []
+    with torch.no_grad():
+        s_plus = [v.clone() for v in s_free]
+        s_minus = [v.clone() for v in s_free] if nudging == "symmetric" else None
+        for _ in range(Kmax):
+            s_plus = _relax(net, s_plus, drive, 1, target, beta)
+            if s_minus is None:
+                net.computeGradient(x, s_plus, s_free, beta)
+            else:
+                s_minus = _relax(net, s_minus, drive, 1, target, -beta)
+                net.computeGradient(x, s_plus, s_minus, 2 * beta)
+            out.append(_grads_of(params))
+    return out
+
+
+def gdu_rows(net, x, target, beta, Kmax, nudging="one-sided"):
+    """The gradient-matching table on one batch, as a list of dicts with the ``GDU_COLUMNS``.
+
+    For k = 1..Kmax: EP's ``.grad`` after k nudged steps from the free fixed point against the
+    BPTT gradient of ``L`` truncated to the last k free steps (``cosine``, ``rel_error``), and
+    the same with the nudge passed through the output activation's slope (``slope_target``;
+    ``cosine_slope_nudge``, ``rel_error_slope_nudge``).  Leaves the network's ``.grad`` holding
+    an EP estimate; the weights are not changed."""
+    T = net.args.T
+    if Kmax > T:
+        raise sh.UserError(f"the gradient check needs --Kmax ({Kmax}) <= --T ({T})")
+    drive, tail = free_trajectory_tail(net, x, Kmax)
+    s_free = tail[-1]
+    ep = ep_updates(net, x, drive, s_free, target, beta, Kmax, nudging)
+    ep_slope = ep_updates(net, x, drive, s_free, slope_target(net, s_free, target), beta, Kmax,
+                          nudging)
+    n = len(net.layer_names)
+    rows = []
+    for k in range(1, Kmax + 1):
+        bptt, _ = _truncated_gradient(net, x, tail[Kmax - k], target, k)
+        for i, (e, e_slope, b) in enumerate(zip(ep[k - 1], ep_slope[k - 1], bptt)):
+            cos, rel, ne, nb = _compare(e, b)
+            cos_s, rel_s, _, _ = _compare(e_slope, b)
+            rows.append({"k": k, "layer": net.layer_names[i % n],
+                         "quantity": "weight" if i < n else "bias", "cosine": cos,
+                         "rel_error": rel, "cosine_slope_nudge": cos_s,
+                         "rel_error_slope_nudge": rel_s, "ep_norm": ne, "bptt_norm": nb,
+                         "beta": beta, "nudging": nudging})
+    return rows
+
+
+def free_phase_residual(net, x):
+    """Largest change of any state in the last free step (0 at an exact fixed point)."""
+    _, tail = free_trajectory_tail(net, x, 1)
+    return max(float((a - b).abs().max()) for a, b in zip(tail[1], tail[0]))
+
+
+def plot_gdu(df, png, title=""):
+    """Cosine similarity and relative error vs k, one line per layer (weights solid, biases
+    dashed): the figure of Ernoult et al. 2019.  Top row: EP as it trains the network; bottom
+    row: EP with the nudge passed through the output activation's slope."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    rows = (("", "EP as trained: nudge beta (y - s[0]) added after the activation"),
+            ("_slope_nudge", "diagnostic: nudge through the output activation's slope"))
+    for (suffix, label), (ax_c, ax_e) in zip(rows, axes):
+        cos, rel = df["cosine" + suffix], df["rel_error" + suffix]
+        for i, layer in enumerate(dict.fromkeys(df["layer"])):
+            for quantity, style in (("weight", "-o"), ("bias", "--s")):
+                sel = ((df["layer"] == layer) & (df["quantity"] == quantity)).to_numpy()
+                kw = {"color": colors[i % len(colors)], "markersize": 4, "label": f"{layer} {quantity}"}
+                ax_c.plot(df["k"][sel], cos[sel], style, **kw)
+                ax_e.plot(df["k"][sel], rel[sel], style, **kw)
+        low = float(cos.min()) if cos.notna().any() else 0.0
+        ax_c.set_ylim(min(0.0, low - 0.05), 1.05)
+        ax_c.axhline(1.0, color="gray", lw=0.8)
+        ax_c.set_ylabel("cosine(EP update, BPTT gradient)")
+        ax_c.set_title(label, fontsize=9)
+        ax_e.set_ylabel("||EP - BPTT|| / ||BPTT||")
+        ax_e.set_title(label, fontsize=9)
+        if (rel > 0).any():
+            ax_e.set_yscale("log")
+        for ax in (ax_c, ax_e):
+            ax.grid(alpha=0.3)
+        ax_c.legend(fontsize=8)
+    for ax in axes[1]:
+        ax.set_xlabel("k = nudged steps of EP = last free steps BPTT goes through")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+
+    def write(tmp):
+        fig.savefig(tmp, dpi=110, format="png")
+    sh.atomic_write(png, write)
+    plt.close(fig)
+
+
+def run_gdu_check(args, net, loader, argv):
+    """``--check gdu``: the table of ``gdu_rows`` on the first training batch, written as
+    ``gdu.csv`` and ``gdu.png`` in a new run folder (with ``Hyperparameters.txt``); prints the
+    final-step rows and the folder.  Returns 0."""
+    import pandas as pd
+
+    device = next(net.parameters()).device
+    x, labels = next(iter(loader))
+    x = net.prepare(x.to(device))
+    target = net.target(labels.to(device))
+    with torch.no_grad():
+        _, tail = free_trajectory_tail(net, x, 1)
+        residual = max(float((a - b).abs().max()) for a, b in zip(tail[1], tail[0]))
+        s0 = tail[-1][0]
+        flat = output_slope(s0, net.activation) == 0
+        saturated = float(flat.to(torch.float64).mean())
+        saturated_err = float((flat & (s0 != target)).to(torch.float64).mean())
+    rows = gdu_rows(net, x, target, args.beta, args.Kmax, args.nudging)
+    df = pd.DataFrame(rows, columns=GDU_COLUMNS)
+    df["free_residual"] = residual
+    df["saturated_outputs"] = saturated
+    df["saturated_wrong_outputs"] = saturated_err
+    # everything is computed: only now touch the disk, so a failure leaves no half-made folder
+    path = sh.createPath(args)
+    sh.saveHyperparameters(path, args, argv)
+    sh.atomic_write(os.path.join(path, "gdu.csv"), lambda tmp: df.to_csv(tmp, index=False))
+    title = (f"{args.archi} {'-'.join(map(str, args.layersList))} on {args.dataset}: EP "
+             f"({args.nudging}, beta={args.beta}) vs BPTT, T={args.T}, one batch of {x.shape[0]}\n"
+             f"last free step moved states by <= {residual:.1e}; output units saturated: "
+             f"{100 * saturated:.0f}% ({100 * saturated_err:.1f}% saturated away from the target)")
+    plot_gdu(df, os.path.join(path, "gdu.png"), title)
+    last = df[df["k"] == args.Kmax]
+    print(f"gradient check on one batch: EP after k nudged steps vs BPTT through the last k free "
+          f"steps, k = {args.Kmax}; free-phase residual {residual:.2e}; saturated output units "
+          f"{100 * saturated:.1f}% ({100 * saturated_err:.1f}% away from their target)")
+    print(last[["layer", "quantity", "cosine", "rel_error", "cosine_slope_nudge",
+                "rel_error_slope_nudge"]].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(f"gdu.csv and gdu.png in: {path}")
+    sys.stdout.flush()
+    return 0
