@@ -13,9 +13,9 @@ $(STAMP): requirements.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) main.py --device -1 --archi fc --dataset digits --layersList 64 256 10 \
-	  --T 20 --Kmax 6 --beta 0.5 --gamma 1e-3 1e-3 --gradThreshold 1e-6 1e-6 \
-	  --lrBias 0.05 0.1 --batchSize 32 --test_batchSize 360 --epochs 15 --seed 0 --outDir runs
+	$(PY) main.py --device -1 --archi fc --dataset digits --layersList 64 512 10 \
+	  --T 30 --Kmax 8 --beta 0.5 --gamma 1e-3 1e-3 --gradThreshold 3e-5 3e-5 \
+	  --lrBias 0.05 0.1 --batchSize 32 --test_batchSize 360 --epochs 30 --seed 0 --outDir runs
 	@echo "demo run folder and plots: $$(ls -d runs/DATA-0-fc-digits/*/S-* | tail -1)"
 
 test: $(STAMP)
