@@ -15,8 +15,8 @@ DEFAULT_LISTS_FC = {"layersList": [784, 4096, 10], "gamma": [1e-5, 1e-4],
                     "gradThreshold": [5e-7, 5e-7], "lrBias": [0.025, 0.05]}
 DEFAULT_LISTS_CONV = {"layersList": [10], "convList": [64, 32, 1], "gamma": [5e-8, 5e-8, 5e-8],
                       "gradThreshold": [1e-8, 1e-8, 1e-8], "lrBias": [0.025, 0.05, 0.1]}
-# flags whose value may change when a run is resumed
-RESUME_FREE = {"resume", "epochs", "device", "dataDir", "outDir"}
+# flags whose value may change when a run is resumed (--check gdu: check the saved network)
+RESUME_FREE = {"resume", "epochs", "device", "dataDir", "outDir", "check"}
 ORDER = "output layer first"
 
 

@@ -318,7 +318,7 @@ def test_check_gdu_writes_csv_and_png(nudging, tmp_path, capsys):
     assert sorted(p.name for p in folder.iterdir()) == ["Hyperparameters.txt", "gdu.csv", "gdu.png"]
     df = pd.read_csv(folder / "gdu.csv")
     assert list(df.columns[:len(GDU_COLUMNS)]) == GDU_COLUMNS
-    assert {"free_residual", "saturated_outputs", "saturated_wrong_outputs"} <= set(df.columns)
+    assert {"free_residual", "saturated_outputs", "samples_with_saturated_error"} <= set(df.columns)
     assert len(df) == 6 * 3 * 2
     assert sorted(df["k"].unique()) == list(range(1, 7))
     assert set(df["layer"]) == {"fc0", "fc1", "fc2"} and set(df["quantity"]) == {"weight", "bias"}
@@ -333,6 +333,24 @@ def test_check_gdu_writes_csv_and_png(nudging, tmp_path, capsys):
     out = capsys.readouterr().out
     assert str(folder) in out and "fc0" in out and "cosine" in out
     assert "--check gdu" in (folder / "Hyperparameters.txt").read_text()
+
+
+def test_check_gdu_on_a_trained_network_with_resume(tmp_path, capsys):
+    """``--resume S-1 --check gdu`` checks the network saved in S-1 (not a fresh one), in a new
+    folder, and leaves S-1 as it was."""
+    train = EP_DIGITS.split() + ["--outDir", str(tmp_path)]
+    assert main.main(train) == 0
+    (run,) = tmp_path.glob("DATA-0-fc-digits/*/S-1")
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    assert main.main(["--resume", str(run), "--check", "gdu"]) == 0
+    assert main.main(train + ["--check", "gdu"]) == 0  # the same settings, untrained network
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    trained = pd.read_csv(run.parent / "S-2" / "gdu.csv")
+    fresh = pd.read_csv(run.parent / "S-3" / "gdu.csv")
+    assert len(trained) == len(fresh) == 5 * 2 * 2
+    assert not trained["bptt_norm"].equals(fresh["bptt_norm"])
+    assert "resume" in (run.parent / "S-2" / "Hyperparameters.txt").read_text()
+    assert "network of run S-1 after epoch 2" in capsys.readouterr().out
 
 
 def test_check_gdu_needs_kmax_at_most_t(tmp_path, capsys):
