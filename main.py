@@ -9,6 +9,8 @@ import argparse
 import math
 import os
 import random
+import re
+import shlex
 import sys
 
 DEFAULT_LISTS_FC = {"layersList": [784, 4096, 10], "gamma": [1e-5, 1e-4],
@@ -22,6 +24,11 @@ ORDER = "output layer first"
 
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors: ``main.py: error: <what is wrong and how to fix it>``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # "-1e-6" is a negative value, not an option (argparse alone only knows "-1" and "-.5")
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see python main.py --help)\n")
@@ -101,7 +108,11 @@ def fix_seed_spelling(argv, parser):
 
 
 def explicit_flags(argv):
-    return {tok[2:].split("=")[0] for tok in argv if tok.startswith("--") and len(tok) > 2}
+    """Names (dest) of the flags given in ``argv``, abbreviations and ``--flag=value`` resolved."""
+    quiet = build_parser()
+    for action in quiet._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(quiet.parse_args(argv)))
 
 
 def _n_layers(args):
@@ -278,6 +289,9 @@ def resumed_args(parser, args, given):
         parser.error("--resume keeps the saved settings; these flags differ from the run's: "
                      + ", ".join(f"--{f} (saved {saved[f]}, given {getattr(args, f)})" for f in conflicts))
     new = argparse.Namespace(**saved)
+    for action in parser._actions:
+        if action.dest != "help" and not hasattr(new, action.dest):
+            setattr(new, action.dest, action.default)
     for f in RESUME_FREE & (given | {"resume"}):
         setattr(new, f, getattr(args, f))
     if new.epochs < saved["epochs"]:
@@ -295,7 +309,9 @@ def build_network(args):
 
 
 def plot_run(path):
-    """Draw the run's PNG figures with the plotting script kept beside the code."""
+    """Draw the run's PNG figures with the plotting script kept beside the code (a signal
+    while drawing only skips the figures)."""
+    from shared_fc_conv import Interrupted
     try:
         import plotFunctions
         df = plotFunctions.read_run(path)
@@ -303,6 +319,24 @@ def plot_run(path):
             plotFunctions.plot_one(path, df)
     except Exception as e:  # noqa: BLE001 - a plotting problem must never lose a finished run
         print(f"warning: could not draw the plots of {path} ({e})", file=sys.stderr)
+    except Interrupted:
+        print(f"warning: plots of {path} skipped (interrupted); draw them later with the "
+              f"plotFunctions.py of its date folder", file=sys.stderr)
+
+
+def resumed_dataframe(path, net, done):
+    """``results.csv`` of a run resumed after epoch ``done``: rows 1..done, checked."""
+    import shared_fc_conv as sh
+    columns = sh.result_columns(net.layer_names)
+    try:
+        df = sh.initDataframe(path, net.layer_names)
+        ok = list(df.columns) == columns and all(e in df.index for e in range(1, done + 1))
+    except Exception:  # noqa: BLE001 - any unreadable CSV is the same user error
+        ok = False
+    if not ok:
+        raise sh.UserError(f"--resume {path}: results.csv is missing, damaged or does not match "
+                           f"checkpoint.pt (epoch {done}); restore it from a copy or start a new run")
+    return df[df.index <= done]
 
 
 def run(args, argv, parser):
@@ -322,20 +356,27 @@ def run(args, argv, parser):
     if args.optim == "bptt":
         from learning_rule_check import bptt_step as estimator
     beta_rng = generators["beta"] if args.random_beta else None
-    sh.install_signal_handlers()
-    if args.resume:
-        path = args.resume
-        done = sh.load_checkpoint(path, net, generators)
-        df = sh.initDataframe(path, net.layer_names)
-        df = df[df.index <= done]
-        print(f"resuming {path} after epoch {done}", file=sys.stderr)
-    else:
-        path = sh.createPath(args)
-        sh.saveHyperparameters(path, args, argv)
-        df, done = sh.initDataframe(path, net.layer_names), 0
-    print(f"run folder: {path}", file=sys.stderr)
-    epoch = done + 1
+    path, done, epoch = None, 0, 1
     try:
+        if args.resume:
+            path = args.resume
+            done = sh.load_checkpoint(path, net, generators)
+            if done >= args.epochs:
+                print(f"{path} already has its {done} epochs; nothing to do (raise --epochs to train "
+                      f"longer)", file=sys.stderr)
+                return 0
+            df = resumed_dataframe(path, net, done)
+            with sh.critical():
+                sh.remove_stale_temporaries(path)
+                note_resume(path, done, argv)
+            print(f"resuming {path} after epoch {done}", file=sys.stderr)
+        else:
+            with sh.critical():
+                path = sh.createPath(args)
+                sh.saveHyperparameters(path, args, argv)
+            df = sh.initDataframe(path, net.layer_names)
+        print(f"run folder: {path}", file=sys.stderr)
+        epoch = done + 1
         bar = sh.tqdm(range(done + 1, args.epochs + 1), desc="epochs", initial=done, total=args.epochs,
                       disable=os.environ.get("EP_NO_PROGRESS") == "1")
         for epoch in bar:
@@ -346,7 +387,7 @@ def run(args, argv, parser):
             with sh.critical():
                 df = sh.updateDataframe(path, df, epoch, train, test, net, seconds)
                 sh.save_checkpoint(path, net, epoch, args, generators)
-            done = epoch
+                done = epoch
             sh.tqdm.write(f"epoch {epoch}/{args.epochs}: train error {train['train_error']:.2f}% "
                           f"test error {test['test_error']:.2f}% train loss {train['train_loss']:.4f} "
                           f"test loss {test['test_loss']:.4f} flips {sum(train['flips']):.0f} "
@@ -354,13 +395,19 @@ def run(args, argv, parser):
     except sh.Interrupted as e:
         code = 128 + e.signum
         if done == 0:
-            sh.shutil.rmtree(path, ignore_errors=True)
-            print(f"interrupted ({e}) before the first epoch finished; nothing to resume, {path} removed",
-                  file=sys.stderr)
+            if args.resume:
+                print(f"interrupted ({e}) before training resumed; {path} is unchanged", file=sys.stderr)
+            elif path is None:
+                print(f"interrupted ({e}) before training started; nothing was saved", file=sys.stderr)
+            else:
+                sh.shutil.rmtree(path, ignore_errors=True)
+                print(f"interrupted ({e}) before the first epoch finished; nothing to resume, {path} "
+                      f"removed", file=sys.stderr)
             return code
-        plot_run(path)
-        print(f"interrupted ({e}) during epoch {epoch}; epochs 1-{done} are saved; continue with: "
-              f"python main.py --resume {path}", file=sys.stderr)
+        when = f"during epoch {epoch}" if epoch > done else f"after epoch {epoch}"
+        kept = "epoch 1 is saved" if done == 1 else f"epochs 1-{done} are saved"
+        print(f"interrupted ({e}) {when}; {kept}; continue with: python main.py --resume "
+              f"{shlex.quote(str(path))}", file=sys.stderr)
         return code
     except sh.Diverged as e:
         if done:
@@ -374,10 +421,31 @@ def run(args, argv, parser):
     return 0
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    parser, args, argv = parse(argv)
+def note_resume(path, done, argv):
+    """Append the resuming command to ``Hyperparameters.txt`` (the arguments above stay as given)."""
     import shared_fc_conv as sh
+    hp = os.path.join(path, "Hyperparameters.txt")
+    with open(hp) as f:
+        text = f.read()
+    text += ("" if text.endswith("\n") else "\n") + \
+        f"resumed after epoch {done}: python main.py {' '.join(shlex.quote(a) for a in argv)}\n"
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    sh.atomic_write(hp, write)
+
+
+def main(argv=None):
+    """Exit codes: 0 done, 2 bad arguments or data, 3 diverged, 130/143 interrupted (SIGINT/SIGTERM)."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:  # Ctrl-C while the libraries load: still one line, no traceback
+        parser, args, argv = parse(argv)
+        import shared_fc_conv as sh
+    except KeyboardInterrupt:
+        print("interrupted (SIGINT) while starting; nothing was saved", file=sys.stderr)
+        return 130
+    previous = sh.install_signal_handlers()
     try:
         return run(args, argv, parser)
     except sh.UserError as e:
@@ -386,6 +454,8 @@ def main(argv=None):
     except sh.Interrupted as e:  # before training started: nothing was written
         print(f"interrupted ({e}) before training started; nothing was saved", file=sys.stderr)
         return 128 + e.signum
+    finally:
+        sh.restore_signal_handlers(previous)
 
 
 if __name__ == "__main__":

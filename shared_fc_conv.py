@@ -53,8 +53,9 @@ class Diverged(Exception):
     """A NaN/infinity (or a non-positive alpha) appeared during training."""
 
 
-class Interrupted(Exception):
-    """SIGINT or SIGTERM arrived; ``signum`` tells which."""
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived; ``signum`` tells which.  A ``BaseException`` like
+    ``KeyboardInterrupt``, so that no ``except Exception`` on the way swallows it."""
 
     def __init__(self, signum):
         super().__init__(signal.Signals(signum).name)
@@ -133,6 +134,7 @@ class BinaryFlip(torch.optim.Optimizer):
     def __init__(self, groups):
         super().__init__(groups, {"lr_alpha": 0.0, "per_channel": False, "name": ""})
         self._scratch = {}
+        self.learnt_alpha = {}  # group index -> alpha of the last step (learnt alpha only)
 
     def _buffers(self, w):
         key = id(w)
@@ -143,7 +145,7 @@ class BinaryFlip(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         flips = []
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             (w,) = group["params"]
             grad = w.grad
             state = self.state[w]
@@ -158,6 +160,7 @@ class BinaryFlip(torch.optim.Optimizer):
                 dims = tuple(range(1, w.dim())) if per_channel else tuple(range(w.dim()))
                 torch.mul(grad, w, out=product)
                 new_alpha = alpha - group["lr_alpha"] * 0.5 * product.sum(dims, keepdim=True)
+                self.learnt_alpha[index] = new_alpha
             torch.mul(w, m, out=product)
             limit = alpha * group["threshold"] if per_channel else float(alpha) * group["threshold"]
             torch.gt(product, limit, out=flip)  # 1.0 where w flips
@@ -266,13 +269,14 @@ class EPNetwork(nn.Module):
         for k, v in enumerate(s):
             if not bool(torch.isfinite(v).all()):
                 return f"a NaN or infinity appeared in the states of layer {k} (0 = output)"
-        for g, b in zip(self.optW.param_groups, self.biases()):
+        for i, (g, b) in enumerate(zip(self.optW.param_groups, self.biases())):
             if not bool(torch.isfinite(b).all()):
                 return f"a NaN or infinity appeared in the biases of layer {g['name']}"
             a = current_alpha(g["params"][0], g["per_channel"])
             if not bool(torch.isfinite(a).all()):
                 return f"a NaN or infinity appeared in alpha of layer {g['name']}"
-            if not bool((a > 0).all()):
+            learnt = self.optW.learnt_alpha.get(i)
+            if not bool((a > 0).all()) or (learnt is not None and not bool((learnt > 0).all())):
                 return f"alpha of layer {g['name']} reached zero or below"
         return None
 
@@ -356,37 +360,60 @@ class _Critical:
 
     def __exit__(self, *exc):
         _Critical.depth -= 1
-        if _Critical.depth == 0 and _Critical.pending is not None and exc[0] is None:
+        if _Critical.depth == 0 and _Critical.pending is not None:
             signum, _Critical.pending = _Critical.pending, None
-            raise Interrupted(signum)
+            if exc[0] is None:
+                raise Interrupted(signum)
 
 
 critical = _Critical
 
 
 def install_signal_handlers():
-    """SIGINT/SIGTERM raise ``Interrupted`` (deferred while files are being written)."""
+    """SIGINT/SIGTERM raise ``Interrupted`` (deferred while files are being written).  Returns the
+    previous handlers for ``restore_signal_handlers`` (None outside the main thread, where Python
+    cannot set handlers)."""
     def handler(signum, frame):
         if _Critical.depth:
             _Critical.pending = signum
         else:
             raise Interrupted(signum)
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
+    try:
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:
+        return None
+    _Critical.pending = None
+    return previous
+
+
+def restore_signal_handlers(previous):
+    """Put back what ``install_signal_handlers`` replaced."""
+    for signum, handler in (previous or {}).items():
+        signal.signal(signum, handler)
 
 
 def atomic_write(path, write):
     """Write ``path`` through ``write(tmp_path)`` then rename, so a crash never leaves it truncated."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        with critical():
+    with critical():
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+        try:
+            os.close(fd)
             write(tmp)
             os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def remove_stale_temporaries(folder):
+    """Delete the ``.*.tmp`` files a killed process (SIGKILL, power cut) left in ``folder``."""
+    for name in os.listdir(folder):
+        if name.startswith(".") and name.endswith(".tmp"):
+            try:
+                os.remove(os.path.join(folder, name))
+            except OSError:
+                pass
 
 
 def run_root(out_dir, archi, dataset, date=None):
@@ -444,7 +471,9 @@ def initDataframe(path, layer_names):
     """An empty results dataframe with the run's columns (or the existing ``results.csv``)."""
     csv = os.path.join(path, "results.csv")
     if os.path.exists(csv):
-        return pd.read_csv(csv, index_col="epoch")
+        # pandas 3 reads floats back exactly by default (and deprecates the option)
+        exact = {} if int(pd.__version__.split(".")[0]) >= 3 else {"float_precision": "round_trip"}
+        return pd.read_csv(csv, index_col="epoch", **exact)
     df = pd.DataFrame(columns=result_columns(layer_names), dtype=float)
     df.index.name = "epoch"
     return df
@@ -542,8 +571,19 @@ def _existing_dirs(root):
 def _check_data_dir(data_dir):
     if os.path.exists(data_dir) and not os.path.isdir(data_dir):
         raise UserError(f"--dataDir {data_dir} is a file, not a folder; give a folder for the data sets")
+    probe = os.path.abspath(data_dir)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UserError(f"--dataDir {data_dir} cannot be created: {probe} is a file; give a folder "
+                        f"for the data sets")
     if os.path.isdir(data_dir) and not os.access(data_dir, os.R_OK | os.X_OK):
         raise UserError(f"--dataDir {data_dir} cannot be read; fix its permissions or choose another folder")
+
+
+def _first_line(e):
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _fashion_from_debian(raw):
@@ -577,12 +617,19 @@ def _load_mnist_like(dataset, data_dir):
     for train in (True, False):
         try:
             ds = cls(data_dir, train=train, download=True)
+        except PermissionError as e:
+            raise UserError(f"the {dataset} data set in {raw} cannot be read or stored ({e.strerror}: "
+                            f"{e.filename}); fix the permissions or choose another --dataDir") from None
         except (RuntimeError, OSError) as e:
             _remove_new_dirs(before, data_dir)
-            if all(os.path.exists(os.path.join(raw, f)) for f in MNIST_FILES):
-                raise UserError(f"the {dataset} files in {raw} cannot be read ({str(e).splitlines()[0]}); "
-                                f"delete them so they download again, or replace them") from None
-            raise UserError(f"the {dataset} data set is not in {raw} and could not be downloaded "
+            missing = [f for f in MNIST_FILES if not os.path.exists(os.path.join(raw, f))]
+            if not missing:
+                raise UserError(f"the {dataset} files in {raw} are truncated or corrupted "
+                                f"({_first_line(e)}); delete them so they download again, or "
+                                f"replace them") from None
+            where = (f"is not in {raw}" if len(missing) == len(MNIST_FILES) else
+                     f"is incomplete in {raw} (missing {', '.join(missing)})")
+            raise UserError(f"the {dataset} data set {where} and could not be downloaded "
                             f"(no network?); put the files {', '.join(MNIST_FILES)} (or their .gz) "
                             f"there") from None
         except Exception as e:  # torchvision asserts on malformed IDX headers
