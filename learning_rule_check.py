@@ -281,7 +281,11 @@ def run_gdu_check(args, net, loader, argv):
     path = sh.createPath(args)
     sh.saveHyperparameters(path, args, argv)
     sh.atomic_write(os.path.join(path, "gdu.csv"), lambda tmp: df.to_csv(tmp, index=False))
-    title = (f"{args.archi} {'-'.join(map(str, args.layersList))} on {args.dataset}: EP "
+    archi = "fc " + "-".join(map(str, args.layersList))
+    if args.archi == "conv":
+        archi = (f"conv {'-'.join(map(str, reversed(args.convList)))} (kernel {args.kernelSize}, "
+                 f"pool {args.Fpool}) + {archi}")
+    title = (f"{archi} on {args.dataset}: EP "
              f"({args.nudging}, beta={args.beta}) vs BPTT, T={args.T}, one batch of {x.shape[0]}{trained}\n"
              f"last free step moved states by <= {residual:.1e}; output units saturated: "
              f"{100 * saturated:.0f}%; samples with an output saturated away from its target: "
