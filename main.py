@@ -393,6 +393,7 @@ def run(args, argv, parser):
                           f"test loss {test['test_loss']:.4f} flips {sum(train['flips']):.0f} "
                           f"({seconds:.1f} s)", file=sys.stderr)
     except sh.Interrupted as e:
+        sh.ignore_signals()  # a second Ctrl-C must not cut the clean-up or the message short
         code = 128 + e.signum
         if done == 0:
             if args.resume:

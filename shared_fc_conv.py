@@ -392,6 +392,15 @@ def restore_signal_handlers(previous):
         signal.signal(signum, handler)
 
 
+def ignore_signals():
+    """Ignore SIGINT/SIGTERM (while a run that was interrupted cleans up and says how to resume)."""
+    try:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
+    except ValueError:  # not the main thread: nothing was installed either
+        pass
+
+
 def atomic_write(path, write):
     """Write ``path`` through ``write(tmp_path)`` then rename, so a crash never leaves it truncated."""
     folder = os.path.dirname(os.path.abspath(path))

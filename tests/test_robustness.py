@@ -342,16 +342,24 @@ def test_sigint_and_sigterm_keep_the_last_epoch_and_resume_bit_for_bit(tmp_path)
 
 
 def test_interrupt_before_the_first_epoch_removes_the_run_folder(tmp_path, monkeypatch, capsys):
-    train_epoch = sh.train_epoch
+    """Ctrl-C in epoch 1, and a second one while the half-made folder is being removed."""
+    train_epoch, rmtree = sh.train_epoch, sh.shutil.rmtree
 
     def interrupted(net, loader, epoch, *args):
-        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of epoch 1
+        os.kill(os.getpid(), signal.SIGINT)
         return train_epoch(net, loader, epoch, *args)
+
+    def impatient_rmtree(path, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        return rmtree(path, *args, **kwargs)
     monkeypatch.setattr(sh, "train_epoch", interrupted)
+    monkeypatch.setattr(sh.shutil, "rmtree", impatient_rmtree)
     capsys.readouterr()
     assert main.main(QUICK + ["--epochs", "2", "--outDir", str(tmp_path)]) == 130
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith("interrupted (SIGINT) before the first epoch finished; nothing to resume"), last
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("interrupted (SIGINT) before the first epoch finished; nothing to resume"), err
+    assert sum("interrupted" in line for line in err) == 1
     assert run_folders(tmp_path) == [] and not temp_files(tmp_path)
 
 
