@@ -20,6 +20,16 @@ from learning_rule_check import (GDU_COLUMNS, bptt_step, ep_updates, free_trajec
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
+@pytest.fixture(autouse=True, scope="module")
+def one_intra_op_thread():
+    """The tensors here are tiny: one thread is faster than two and does not slow down (busy
+    waiting) when the other core is taken by another job.  Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def fc_args(layers="64 32 16 10", T=60, Kmax=8, extra=""):
     n = len(layers.split()) - 1
     ones = lambda v: " ".join([v] * n)  # noqa: E731
