@@ -635,6 +635,17 @@ def bad_invocations(tmp_path):
             corrupt(str(data), how)
         full.append((f"mnist_{how}", base + MNIST_FC + ["--dataDir", data], fragments, [data]))
 
+    cifar_fc = ["--dataset", "cifar10", "--layersList", "3072", "16", "10"]
+    cifar_empty, cifar_bad = tmp_path / "cifar-empty", tmp_path / "cifar-bad" / "cifar-10-batches-py"
+    cifar_empty.mkdir()
+    cifar_bad.mkdir(parents=True)
+    for name in sh.CIFAR10_FILES:
+        (cifar_bad / name).write_bytes(b"\x80\x04 not a pickle")
+    full += [("cifar_none", base + cifar_fc + ["--dataDir", cifar_empty],
+              ["cifar-10-batches-py", "could not be downloaded", "data_batch_1"], [cifar_empty]),
+             ("cifar_corrupted", base + cifar_fc + ["--dataDir", cifar_bad.parent],
+              ["cifar-10-batches-py", "truncated or corrupted"], [cifar_bad.parent])]
+
     # --resume of folders that are not resumable, and of one that is, with bad flags
     empty_run = tmp_path / "S-empty"
     empty_run.mkdir()
