@@ -29,6 +29,14 @@ CONFIGS = {
             "--gradThreshold 5e-7 5e-7 --lrBias 0.025 0.05 --batchSize 64 --dataset mnist",
     "fc2h": "--archi fc --layersList 784 4096 4096 10 --T 250 --Kmax 10 --beta 0.3 --gamma 5e-6 2e-5 2e-5 "
             "--gradThreshold 5e-7 5e-7 5e-7 --lrBias 0.025 0.05 0.1 --batchSize 64 --dataset mnist",
+    # the seed's conv lines; CIFAR-10 with --padding 2, as --padding 0 shrinks a layer to nothing
+    "conv_mnist": "--archi conv --layersList 10 --convList 64 32 1 --padding 0 --kernelSize 5 --Fpool 2 "
+                  "--T 150 --Kmax 10 --beta 0.3 --gamma 5e-8 5e-8 5e-8 --gradThreshold 1e-8 1e-8 1e-8 "
+                  "--lrBias 0.025 0.05 0.1 --batchSize 64 --dataset mnist",
+    "conv_cifar10": "--archi conv --layersList 10 --convList 256 256 128 64 3 --padding 2 --kernelSize 5 "
+                    "--Fpool 2 --T 150 --Kmax 10 --beta 0.3 --gamma 2e-7 2e-7 2e-7 2e-7 2e-7 "
+                    "--gradThreshold 1e-8 1e-8 1e-8 1e-8 1e-8 --lrBias 0.001 0.002 0.025 0.05 0.1 "
+                    "--batchSize 64 --dataset cifar10",
 }
 
 

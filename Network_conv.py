@@ -1,0 +1,300 @@
+"""Convolutional binary-weight EP network (DESIGN.md section 5).
+
+Layers, named as the per-layer lists are ordered (output first):
+
+* the classifier ``fc0 ... fc{F-1}`` (``nn.Linear``; ``fc0`` feeds the 10 output units,
+  ``fc{F-1}`` reads the flattened top convolution state), from ``--layersList`` (input first);
+* the convolutions ``conv0 ... conv{N-1}`` (``nn.Conv2d``, kernel ``--kernelSize``, stride 1,
+  padding ``--padding``, each followed by a max-pool of size and stride ``--Fpool``), from
+  ``--convList`` (top first, input channels last: ``64 32 1`` = conv1 1->32, conv0 32->64).
+
+States, a list ordered like the layers: ``s[0..F-1]`` the classifier states (B, n_k), output
+first, then ``s[F+i]`` the pooled state of convolution i, (B, C_i, H_i, W_i), top first.  The
+input ``x`` (B, C, H, W) is clamped.  With P the pool, U the unpool and the indices of P taken
+from the previous states at every step::
+
+    s[F+i]   <- rho(P(conv_i(s[F+i+1])) + convT_{i-1}(U(s[F+i-1])))        (x below the bottom)
+    s[F]     <- rho(P(conv_0(s[F+1])) + (s[F-1] W_{F-1}).view(B, C_0, H_0, W_0))
+    s[k]     <- rho(s[k+1] W_k^T + b_k + s[k-1] W_{k-1})      (classifier, as in section 4)
+    s[0]     <- rho(s[1] W_0^T + b_0)  (+ beta (y - s[0]) in the nudged phase)
+
+Speed (the same arithmetic, arranged for the CPU): the bottom convolution of the clamped input,
+``P(conv(x) + b)`` and its indices, does not change during relaxation, so ``input_drive`` computes
+it once per batch (with the weights in the states' layout); convolution states are kept
+channels-last, where convolutions, pooling and unpooling are fastest; the new states are written
+into the previous step's buffers; and on a multi-core CPU ``forward`` relaxes one share of the
+batch per core, each single-threaded (samples never interact during relaxation).
+"""
+
+import threading
+from collections import namedtuple
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from shared_fc_conv import INPUT_SHAPE, EPNetwork, UserError, nudge, one_hot, rho
+
+LayerGeometry = namedtuple("LayerGeometry", "name input conv pool")
+LayerGeometry.__doc__ = """Sizes of one convolution layer: ``input``, ``conv`` (after the
+convolution) and ``pool`` (after the max-pool) as (channels, height, width)."""
+
+ConvDrive = namedtuple("ConvDrive", "pooled indices conv_w fc_top")
+ConvDrive.__doc__ = """What stays constant while one batch relaxes: ``pooled``, the bottom
+convolution's term ``P(conv(x) + b)`` (B, C, H, W), and its max-pool ``indices``; ``conv_w``, the
+convolution weights in the states' memory layout; ``fc_top``, the weight of the classifier layer
+that reads the top convolution, its columns reordered to that state's (h, w, c) memory order."""
+
+MIN_STREAM_BATCH = 16  # smallest share of a batch worth a CPU stream of its own
+
+
+def _ordinal(n):
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
+def _sizes(input_shape, channels, kernel, padding, fpool):
+    """Per-layer geometry, input side first, for the given padding (sizes may be <= 0)."""
+    c, h, w = input_shape
+    layers = []
+    for c_out in reversed(channels[:-1]):
+        hc, wc = h - kernel + 1 + 2 * padding, w - kernel + 1 + 2 * padding
+        hp, wp = (hc - fpool) // fpool + 1, (wc - fpool) // fpool + 1
+        layers.append(((c, h, w), (c_out, hc, wc), (c_out, hp, wp)))
+        c, h, w = c_out, hp, wp
+    return layers
+
+
+def _first_bad(layers):
+    for k, (_, conv, pool) in enumerate(layers):
+        if min(conv[1:]) <= 0 or min(pool[1:]) <= 0:
+            return k
+    return None
+
+
+def conv_geometry(args, input_shape):
+    """The sizes of every convolution layer, top first (``conv0`` first), as ``LayerGeometry``.
+
+    conv out = in - kernelSize + 1 + 2 padding; pool out = floor((conv out - Fpool) / Fpool) + 1.
+    A layer whose size reaches 0 raises ``UserError``: one sentence naming the layer and the
+    smallest ``--padding`` that keeps every layer at least 1x1.
+    """
+    channels, k, p, fp = list(args.convList), args.kernelSize, args.padding, args.Fpool
+    layers = _sizes(input_shape, channels, k, p, fp)
+    bad = _first_bad(layers)
+    if bad is not None:
+        n = len(layers)
+        name = f"conv{n - 1 - bad}"
+        _, conv, pool = layers[bad]
+        size = "x".join(str(max(v, 0)) for v in (conv[1:] if min(conv[1:]) <= 0 else pool[1:]))
+        stage = "its convolution" if min(conv[1:]) <= 0 else f"its {fp}x{fp} max-pool"
+        fix = next((q for q in range(p + 1, p + 4 * (k + fp) + max(input_shape[1:]))
+                    if _first_bad(_sizes(input_shape, channels, k, q, fp)) is None), None)
+        advice = (f"--padding {fix} keeps every layer at least 1x1" if fix is not None else
+                  "use fewer convolution layers or a smaller --kernelSize/--Fpool")
+        raise UserError(f"with --padding {p}, --kernelSize {k} and --Fpool {fp}, layer {name} (the "
+                        f"{_ordinal(bad + 1)} convolution from the input, {layers[bad][0][0]}->{conv[0]} "
+                        f"channels) shrinks to {size} after {stage}; {advice}")
+    return [LayerGeometry(f"conv{n}", *layers[len(layers) - 1 - n]) for n in range(len(layers))]
+
+
+class Network_conv(EPNetwork):
+    def __init__(self, args):
+        """Convolutions from ``args.convList`` (top first), classifier from ``args.layersList``
+        (input first, ending with the 10 outputs); PyTorch's default initialisation, then
+        binarised (alpha per output channel for convolutions, per layer for the classifier)."""
+        super().__init__()
+        self.geometry = conv_geometry(args, INPUT_SHAPE[args.dataset])
+        self.padding, self.fpool = args.padding, args.Fpool
+        self.conv = nn.ModuleList(nn.Conv2d(g.input[0], g.conv[0], args.kernelSize, padding=args.padding)
+                                  for g in self.geometry)
+        top = self.geometry[0].pool
+        self.sizes = list(reversed(args.layersList)) + [top[0] * top[1] * top[2]]  # [10, ..., flat]
+        self.fc = nn.ModuleList(nn.Linear(self.sizes[k + 1], self.sizes[k])
+                                for k in range(len(self.sizes) - 1))
+        self.n_fc = len(self.fc)
+        layers = list(self.fc) + list(self.conv)
+        names = [f"fc{k}" for k in range(len(self.fc))] + [g.name for g in self.geometry]
+        self._setup_optimizers(args, [l.weight for l in layers], [l.bias for l in layers], names,
+                               [False] * len(self.fc) + [True] * len(self.conv))
+
+    # -- shapes --------------------------------------------------------------------------------
+    # Convolution states live in the channels-last memory layout (shape (B, C, H, W) as usual,
+    # channels contiguous in memory), where the convolutions and max-pools of this network run
+    # fastest on the CPU; the classifier reads the top state in that (h, w, c) order.
+    layout = torch.channels_last
+
+    def prepare(self, x):
+        """Images stay (B, C, H, W), in the network's dtype and the states' memory layout."""
+        return x.to(self.fc[0].weight.dtype).contiguous(memory_format=self.layout)
+
+    def target(self, labels):
+        """One-hot targets in {0, 1}, shape (B, 10)."""
+        return one_hot(labels).to(self.fc[0].weight.dtype)
+
+    def output(self, s):
+        """Output states, shape (B, 10)."""
+        return s[0]
+
+    def initHidden(self, batch):
+        """Every state set to 1: classifier states (B, n_k) output first, then the pooled
+        convolution states (B, C_i, H_i, W_i) top first."""
+        w = self.fc[0].weight
+        states = [torch.ones(batch, n, device=w.device, dtype=w.dtype) for n in self.sizes[:-1]]
+        return states + [torch.ones((batch,) + g.pool, device=w.device, dtype=w.dtype)
+                         .contiguous(memory_format=self.layout) for g in self.geometry]
+
+    # -- dynamics ------------------------------------------------------------------------------
+    def _pool(self, a):
+        return F.max_pool2d(a, self.fpool, self.fpool, return_indices=True)
+
+    def _unpool(self, s, indices, i):
+        """Unpool the state of layer ``i`` to its convolution's output size."""
+        return F.max_unpool2d(s, indices, self.fpool, self.fpool, output_size=self.geometry[i].conv[1:])
+
+    @staticmethod
+    def _flat(s):
+        """(B, C, H, W) -> (B, H*W*C), the (h, w, c) order of ``ConvDrive.fc_top`` (a view for
+        channels-last states)."""
+        return s.permute(0, 2, 3, 1).reshape(s.shape[0], -1)
+
+    def input_drive(self, x):
+        """The batch's constants (``ConvDrive``): ``P(conv(x) + b)`` of the bottom convolution and
+        its pool indices, the weights in the states' layout; made once per batch."""
+        bottom = self.conv[-1]
+        x = x.contiguous(memory_format=self.layout)
+        conv_w = [l.weight.contiguous(memory_format=self.layout) for l in self.conv]
+        c, h, w = self.geometry[0].pool
+        fc_last = self.fc[-1].weight
+        fc_top = fc_last.view(-1, c, h, w).permute(0, 2, 3, 1).reshape(fc_last.shape[0], -1)
+        pooled, indices = self._pool(F.conv2d(x, conv_w[-1], bottom.bias, padding=self.padding))
+        return ConvDrive(pooled, indices, conv_w, fc_top)
+
+    def stepper(self, s, drive, target=None, beta=0.0, out=None):
+        """One synchronous step of every layer from the previous states ``s`` (see the module
+        docstring); ``drive`` comes from ``input_drive``; ``out`` may receive the new states
+        (ignored while autograd records)."""
+        nf, nc, act = self.n_fc, len(self.conv), self.activation
+        if torch.is_grad_enabled():
+            out = None
+        new = []
+        for k, layer in enumerate(self.fc):
+            buf = None if out is None else out[k]
+            if k + 1 < nf:
+                below, w = s[k + 1], layer.weight
+            else:
+                below, w = self._flat(s[nf]), drive.fc_top
+            a = torch.addmm(layer.bias, below, w.t()) if buf is None else \
+                torch.addmm(layer.bias, below, w.t(), out=buf)
+            if k > 0:
+                fb = self.fc[k - 1].weight
+                a = a + s[k - 1] @ fb if buf is None else a.addmm_(s[k - 1], fb)
+            a = rho(a, act)
+            if k == 0 and beta != 0:
+                a = nudge(a, s[0], target, beta)
+            new.append(a)
+        indices = None
+        for i, layer in enumerate(self.conv):
+            buf = None if out is None else out[nf + i]
+            if i + 1 < nc:
+                pooled, next_indices = self._pool(F.conv2d(s[nf + i + 1], drive.conv_w[i], layer.bias,
+                                                           padding=self.padding))
+            else:
+                pooled, next_indices = drive.pooled, drive.indices
+            if i == 0:
+                b, c, h, w = s[nf].shape
+                feedback = (s[nf - 1] @ drive.fc_top).view(b, h, w, c).permute(0, 3, 1, 2)
+            else:
+                feedback = F.conv_transpose2d(self._unpool(s[nf + i - 1], indices, i - 1),
+                                              drive.conv_w[i - 1], padding=self.padding)
+            a = pooled + feedback if buf is None else torch.add(pooled, feedback, out=buf)
+            new.append(rho(a, act))
+            indices = next_indices
+        return new
+
+    def forward(self, s, drive, T, target=None, beta=0.0):
+        """``T`` steps of ``stepper`` (see ``EPNetwork.forward``).  On a CPU with several threads
+        and autograd off, the batch is cut into one share per thread and the shares relax side by
+        side, each single-threaded: the samples of a batch never interact, so this computes the
+        same states, and small convolutions keep a core busier this way than split across cores."""
+        streams = self._streams(s[0])
+        if streams == 1:
+            return super().forward(s, drive, T, target, beta)
+        shares = [list(v) for v in zip(*(t.tensor_split(streams) for t in s))]
+        drives = [drive._replace(pooled=p, indices=i) for p, i in
+                  zip(drive.pooled.tensor_split(streams), drive.indices.tensor_split(streams))]
+        targets = [None] * streams if target is None else target.tensor_split(streams)
+
+        def relax(n):
+            with torch.no_grad():
+                return EPNetwork.forward(self, shares[n], drives[n], T, targets[n], beta)
+        results = list(_stream_pool(streams).map(relax, range(streams)))
+        return [torch.cat(parts) for parts in zip(*results)]
+
+    @staticmethod
+    def _streams(state):
+        if torch.is_grad_enabled() or state.device.type != "cpu":
+            return 1
+        return max(1, min(torch.get_num_threads(), state.shape[0] // MIN_STREAM_BATCH))
+
+    # -- learning ------------------------------------------------------------------------------
+    def computeGradient(self, x, s_plus, s_minus, beta_span):
+        """Write the EP estimate of ``-dL/dW`` (negated, as ``.grad``) of every layer::
+
+            classifier:  dW_k = (s_+[k]^T s_+[k+1] - s_-[k]^T s_-[k+1]) / (beta_span B),
+                         db_k = sum_batch(s_+[k] - s_-[k]) / (beta_span B)
+            convolution: dW_i = (corr(in_+, U(s_+[F+i])) - corr(in_-, U(s_-[F+i]))) / (beta_span B),
+                         db_i = sum_{batch, h, w}(s_+[F+i] - s_-[F+i]) / (beta_span B)
+
+        with ``s_+``/``s_-`` the nudged/free states (one-sided, ``beta_span = beta``) or the +beta
+        and -beta nudged states (symmetric, ``beta_span = 2 beta``); corr is the correlation of
+        the layer's input (the state below, or ``x`` for the bottom layer, whose unpooled
+        difference makes it one correlation) with the unpooled state (a convolution's weight
+        gradient), U unpools with the indices each phase's states give; unpooling moves values
+        without changing their sum, hence the bias sums.
+        """
+        nf, nc = self.n_fc, len(self.conv)
+        c = 1.0 / (beta_span * x.shape[0])
+        for k, layer in enumerate(self.fc):
+            if k + 1 < nf:
+                dw = s_plus[k].t() @ s_plus[k + 1] - s_minus[k].t() @ s_minus[k + 1]
+            else:  # the top convolution state, flattened in (c, h, w) order like the weight
+                dw = s_plus[k].t() @ s_plus[nf].flatten(1) - s_minus[k].t() @ s_minus[nf].flatten(1)
+            layer.weight.grad = dw.mul_(-c)
+            layer.bias.grad = (s_plus[k] - s_minus[k]).sum(0).mul_(-c)
+        for i, layer in enumerate(self.conv):
+            w, p = layer.weight, self.padding
+            if i + 1 < nc:
+                dw = None
+                for s in (s_plus, s_minus):
+                    below = s[nf + i + 1]
+                    _, ind = self._pool(F.conv2d(below, w, layer.bias, padding=p))
+                    corr = torch.nn.grad.conv2d_weight(below, w.shape, self._unpool(s[nf + i], ind, i), padding=p)
+                    dw = corr if dw is None else dw.sub_(corr)
+            else:
+                _, ind = self._pool(F.conv2d(x, w, layer.bias, padding=p))
+                diff = self._unpool(s_plus[nf + i] - s_minus[nf + i], ind, i)
+                dw = torch.nn.grad.conv2d_weight(x, w.shape, diff, padding=p)
+            layer.weight.grad = dw.contiguous().mul_(-c)
+            layer.bias.grad = (s_plus[nf + i] - s_minus[nf + i]).sum((0, 2, 3)).mul_(-c)
+
+
+_POOL = {}
+_POOL_LOCK = threading.Lock()
+
+
+def _stream_pool(n):
+    """A pool of ``n`` worker threads, each running PyTorch single-threaded (made once)."""
+    with _POOL_LOCK:
+        if n not in _POOL:
+            main_threads = torch.get_num_threads()
+            barrier = threading.Barrier(n)
+            pool = ThreadPoolExecutor(n, thread_name_prefix="ep-stream")
+
+            def start(_):
+                torch.set_num_threads(1)  # this worker's operations stay on its own core
+                barrier.wait()
+            list(pool.map(start, range(n)))  # the barrier makes each of the n threads start once
+            torch.set_num_threads(main_threads)  # the default for threads started later
+            _POOL[n] = pool
+        return _POOL[n]
