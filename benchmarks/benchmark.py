@@ -97,7 +97,7 @@ def main():
     print(f"{'config':8} {'samples/s (median)':>20} {'min':>10} {'max':>10} {'peak MiB':>10}")
     for c in a.configs:
         med, lo, hi, peak = time_config(c, device, a.repeats, a.batches)
-        print(f"{c:8} {med:20.0f} {lo:10.0f} {hi:10.0f} {peak:10.1f}", flush=True)
+        print(f"{c:8} {med:20.1f} {lo:10.1f} {hi:10.1f} {peak:10.1f}", flush=True)
 
 
 if __name__ == "__main__":
