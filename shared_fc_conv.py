@@ -409,6 +409,7 @@ def atomic_write(path, write):
         try:
             os.close(fd)
             write(tmp)
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; run files are for everyone to read
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
