@@ -323,7 +323,10 @@ def test_sigint_and_sigterm_keep_the_last_epoch_and_resume_bit_for_bit(tmp_path)
         epochs = checkpoint(run)["epoch"]
         assert epochs >= 1 and list(df.index) == list(range(1, epochs + 1)) and not df.isna().any().any()
         assert epochs < 3 and not temp_files(outs[n])
-    assert "during epoch 2; epoch 1 is saved" in stderr["int"]
+        # the message names exactly what is on disk (on a loaded machine the signal may land an
+        # epoch later than aimed at, or between two epochs)
+        kept = "epoch 1 is saved" if epochs == 1 else f"epochs 1-{epochs} are saved"
+        assert (f"during epoch {epochs + 1}; {kept}" in last or f"after epoch {epochs}; {kept}" in last), last
     assert len(stderr["startup"].strip().splitlines()) == 1 and "interrupted" in stderr["startup"]
     assert not outs["startup"].exists()
 
