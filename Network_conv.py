@@ -26,9 +26,7 @@ into the previous step's buffers; and on a multi-core CPU ``forward`` relaxes on
 batch per core, each single-threaded (samples never interact during relaxation).
 """
 
-import threading
 from collections import namedtuple
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn as nn
@@ -46,7 +44,6 @@ convolution's term ``P(conv(x) + b)`` (B, C, H, W), and its max-pool ``indices``
 convolution weights in the states' memory layout; ``fc_top``, the weight of the classifier layer
 that reads the top convolution, its columns reordered to that state's (h, w, c) memory order."""
 
-MIN_STREAM_BATCH = 16  # smallest share of a batch worth a CPU stream of its own
 
 
 def _ordinal(n):
@@ -212,33 +209,12 @@ class Network_conv(EPNetwork):
             indices = next_indices
         return new
 
-    def forward(self, s, drive, T, target=None, beta=0.0):
-        """``T`` steps of ``stepper`` (see ``EPNetwork.forward``).  On a CPU with several threads
-        and autograd off, the batch is cut into one share per thread and the shares relax side by
-        side, each single-threaded: the samples of a batch never interact, so this computes the
-        same states, and small convolutions keep a core busier this way than split across cores."""
-        streams = self._streams(s[0])
-        if streams == 1:
-            return super().forward(s, drive, T, target, beta)
-        shares = [list(v) for v in zip(*(t.tensor_split(streams) for t in s))]
-        drives = [drive._replace(pooled=p, indices=i) for p, i in
-                  zip(drive.pooled.tensor_split(streams), drive.indices.tensor_split(streams))]
-        targets = [None] * streams if target is None else target.tensor_split(streams)
-
-        def relax(n):
-            with torch.no_grad():
-                return EPNetwork.forward(self, shares[n], drives[n], T, targets[n], beta)
-        results = list(_stream_pool(streams).map(relax, range(streams)))
-        return [torch.cat(parts) for parts in zip(*results)]
-
-    @staticmethod
-    def _streams(state):
-        if torch.is_grad_enabled() or state.device.type != "cpu":
-            return 1
-        return max(1, min(torch.get_num_threads(), state.shape[0] // MIN_STREAM_BATCH))
+    def split_drive(self, drive, n):
+        return [drive._replace(pooled=p, indices=i) for p, i in
+                zip(drive.pooled.tensor_split(n), drive.indices.tensor_split(n))]
 
     # -- learning ------------------------------------------------------------------------------
-    def computeGradient(self, x, s_plus, s_minus, beta_span):
+    def computeGradient(self, x, s_plus, s_minus, beta_span, outer=False):
         """Write the EP estimate of ``-dL/dW`` (negated, as ``.grad``) of every layer::
 
             classifier:  dW_k = (s_+[k]^T s_+[k+1] - s_-[k]^T s_-[k+1]) / (beta_span B),
@@ -251,7 +227,8 @@ class Network_conv(EPNetwork):
         the layer's input (the state below, or ``x`` for the bottom layer, whose unpooled
         difference makes it one correlation) with the unpooled state (a convolution's weight
         gradient), U unpools with the indices each phase's states give; unpooling moves values
-        without changing their sum, hence the bias sums.
+        without changing their sum, hence the bias sums.  (``outer`` is accepted for the shared
+        ``ep_step`` and unused: no convolution gradient is a plain product.)
         """
         nf, nc = self.n_fc, len(self.conv)
         c = 1.0 / (beta_span * x.shape[0])
@@ -277,24 +254,3 @@ class Network_conv(EPNetwork):
                 dw = torch.nn.grad.conv2d_weight(x, w.shape, diff, padding=p)
             layer.weight.grad = dw.contiguous().mul_(-c)
             layer.bias.grad = (s_plus[nf + i] - s_minus[nf + i]).sum((0, 2, 3)).mul_(-c)
-
-
-_POOL = {}
-_POOL_LOCK = threading.Lock()
-
-
-def _stream_pool(n):
-    """A pool of ``n`` worker threads, each running PyTorch single-threaded (made once)."""
-    with _POOL_LOCK:
-        if n not in _POOL:
-            main_threads = torch.get_num_threads()
-            barrier = threading.Barrier(n)
-            pool = ThreadPoolExecutor(n, thread_name_prefix="ep-stream")
-
-            def start(_):
-                torch.set_num_threads(1)  # this worker's operations stay on its own core
-                barrier.wait()
-            list(pool.map(start, range(n)))  # the barrier makes each of the n threads start once
-            torch.set_num_threads(main_threads)  # the default for threads started later
-            _POOL[n] = pool
-        return _POOL[n]

@@ -26,6 +26,8 @@ def _addmm(bias, a, b, out):
 
 
 class Network_fc(EPNetwork):
+    batch_dim = 1  # states and targets are (n_k, B)
+
     def __init__(self, args):
         """``args.layersList`` is input first (784 4096 10); internally sizes run output first."""
         super().__init__()
@@ -63,6 +65,9 @@ class Network_fc(EPNetwork):
                            [w.t().contiguous() for w in weights[:-1]],
                            [l.bias.unsqueeze(1) for l in self.W])
 
+    def split_drive(self, drive, n):
+        return [drive._replace(x=part.contiguous()) for part in drive.x.tensor_split(n, 1)]
+
     def stepper(self, s, drive, target=None, beta=0.0, out=None):
         """One synchronous step, every layer from the previous states ``s``::
 
@@ -71,12 +76,15 @@ class Network_fc(EPNetwork):
             every state clamped to [0, 1]
 
         ``drive`` comes from ``input_drive`` (``drive.x`` is ``W[-1] x + b[-1]``); ``out``
-        (optional) receives the new states.
+        (optional) receives the new states, except the bottom hidden layer's, then updated in
+        place in ``s`` (computed last, after its only reader).
         """
         n = len(s)
         new = []
         for k in range(n):
             buf = None if out is None else out[k]
+            if k == n - 1 and n > 1 and out is not None:
+                buf = s[k]  # its one reader, layer k - 1, is done: update in place (less cache)
             if k == n - 1:  # bottom state: constant input drive
                 a = drive.x.clone() if n == 1 else _addmm(drive.x, drive.WT[k - 1], s[k - 1], buf)
             else:
@@ -89,7 +97,7 @@ class Network_fc(EPNetwork):
             new.append(a)
         return new
 
-    def computeGradient(self, x, s_plus, s_minus, beta_span):
+    def computeGradient(self, x, s_plus, s_minus, beta_span, outer=False):
         """Write the EP estimate of ``-dL/dW`` (negated, as ``.grad``) for every layer::
 
             dW[k] = (s_+[k] s_+[k+1]^T - s_-[k] s_-[k+1]^T) / (beta_span B)
@@ -97,18 +105,21 @@ class Network_fc(EPNetwork):
 
         with ``s_+``/``s_-`` the nudged/free states (one-sided, ``beta_span = beta``) or the +beta
         and -beta nudged states (symmetric, ``beta_span = 2 beta``).  The input layer uses
-        ``(s_+[L-2] - s_-[L-2]) x``: one product.
+        ``(s_+[L-2] - s_-[L-2]) x``: one product; with ``outer=True`` its two factors go to the
+        flip optimizer (``set_outer_grad``), which forms the product block by block.
         """
         c = 1.0 / (beta_span * x.shape[0])
         n = len(s_plus)
         for k, layer in enumerate(self.W):
             w, b = layer.weight, layer.bias
-            if w.grad is None:
+            if w.grad is None and not (k == n - 1 and outer):
                 w.grad = torch.empty_like(w)
             if b.grad is None:
                 b.grad = torch.empty_like(b)
             diff = s_plus[k] - s_minus[k]
-            if k == n - 1:
+            if k == n - 1 and outer:
+                self.optW.set_outer_grad(w, diff, x, -c)
+            elif k == n - 1:
                 torch.addmm(w.grad, diff, x, beta=0, alpha=-c, out=w.grad)
             else:
                 torch.addmm(w.grad, s_plus[k], s_plus[k + 1].t(), beta=0, alpha=-c, out=w.grad)

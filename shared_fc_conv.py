@@ -26,7 +26,9 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
@@ -129,46 +131,146 @@ class BinaryFlip(torch.optim.Optimizer):
     and, with learnt scaling factors, alpha <- alpha - lr_alpha * 0.5 * sum(grad * w) (the EP
     estimate of -dL/dalpha scaled by alpha/2, as the original code did), summed per output
     channel for convolutions.  ``step`` returns the number of flips of each layer (tensors).
+
+    Instead of ``.grad``, a layer's gradient may be given as a product ``scale * a @ b``
+    (``set_outer_grad``): ``step`` then forms it block by block, never the whole matrix.  On a
+    CPU the rule runs over blocks of rows small enough to stay in cache between its operations
+    (one pass through memory instead of five), the blocks shared among single-threaded streams.
     """
 
     def __init__(self, groups):
         super().__init__(groups, {"lr_alpha": 0.0, "per_channel": False, "name": ""})
         self._scratch = {}
+        self._outer = {}  # id(weight) -> (a, b, scale): the gradient is scale * a @ b
         self.learnt_alpha = {}  # group index -> alpha of the last step (learnt alpha only)
 
-    def _buffers(self, w):
-        key = id(w)
-        if key not in self._scratch or self._scratch[key][0].shape != w.shape:
-            self._scratch[key] = (torch.empty_like(w), torch.empty_like(w))
+    def set_outer_grad(self, w, a, b, scale):
+        """The next ``step``'s gradient of ``w`` is ``scale * a @ b`` (``w.grad`` is cleared)."""
+        if a.shape[0] != w.shape[0] or b.shape[1:] != w.shape[1:] or a.shape[1] != b.shape[0]:
+            raise ValueError(f"gradient factors {tuple(a.shape)} @ {tuple(b.shape)} do not match {tuple(w.shape)}")
+        self._outer[id(w)] = (a, b, scale)
+        w.grad = None
+
+    def pending_grad(self, w):
+        """The gradient the next ``step`` will use for ``w`` (formed in full: for inspection)."""
+        if id(w) in self._outer:
+            a, b, scale = self._outer[id(w)]
+            return torch.mm(a, b).mul_(scale)
+        return w.grad
+
+    def _buffers(self, rows, w, stream):
+        """Three scratch blocks of ``rows`` rows shaped like ``w``'s, one set per stream."""
+        key = (rows, stream) + tuple(w.shape[1:]) + (w.dtype, w.device)
+        if key not in self._scratch:
+            shape = (rows,) + tuple(w.shape[1:])
+            self._scratch[key] = tuple(torch.empty(shape, dtype=w.dtype, device=w.device) for _ in range(3))
         return self._scratch[key]
+
+    @staticmethod
+    def _block_rows(w):
+        if w.device.type != "cpu":
+            return w.shape[0]
+        return max(1, min(w.shape[0], CPU_BLOCK_ELEMENTS // max(1, w[0].numel())))
 
     @torch.no_grad()
     def step(self, closure=None):
         flips = []
         for index, group in enumerate(self.param_groups):
             (w,) = group["params"]
-            grad = w.grad
+            outer = self._outer.pop(id(w), None)
+            if outer is None and w.grad is None:
+                raise RuntimeError(f"BinaryFlip.step: layer {group['name']} has no gradient")
             state = self.state[w]
             if "filtered_grad" not in state:
                 state["filtered_grad"] = torch.zeros_like(w)
             m = state["filtered_grad"]
-            m.lerp_(grad, group["gamma"])
-            per_channel = group["per_channel"]
+            per_channel, lr_alpha = group["per_channel"], group["lr_alpha"]
             alpha = current_alpha(w, per_channel)
-            product, flip = self._buffers(w)
-            if group["lr_alpha"]:
-                dims = tuple(range(1, w.dim())) if per_channel else tuple(range(w.dim()))
-                torch.mul(grad, w, out=product)
-                new_alpha = alpha - group["lr_alpha"] * 0.5 * product.sum(dims, keepdim=True)
-                self.learnt_alpha[index] = new_alpha
-            torch.mul(w, m, out=product)
             limit = alpha * group["threshold"] if per_channel else float(alpha) * group["threshold"]
-            torch.gt(product, limit, out=flip)  # 1.0 where w flips
-            flips.append(flip.sum())
-            w.addcmul_(flip, w, value=-2.0)
-            if group["lr_alpha"]:
+            rows = self._block_rows(w)
+            starts = list(range(0, w.shape[0], rows))
+            streams = 1
+            if w.device.type == "cpu" and len(starts) > 1:
+                streams = min(torch.get_num_threads(), len(starts))
+
+            def run(stream):
+                return self._blocks(w, m, outer, limit, group, rows, starts[stream::streams], stream)
+            results = in_streams(streams, run) if streams > 1 else [run(0)]
+            flips.append(sum(count for count, _ in results))
+            if lr_alpha:  # sum(grad * w) over the layer (per output channel), in row order
+                parts = [part for _, part in sorted((p for _, ps in results for p in ps), key=lambda q: q[0])]
+                total = torch.cat(parts) if per_channel else sum(parts[1:], parts[0])
+                new_alpha = alpha - lr_alpha * 0.5 * total.view(alpha.shape)
+                self.learnt_alpha[index] = new_alpha
                 torch.sign(w, out=w).mul_(new_alpha)
         return flips
+
+    def _blocks(self, w, m, outer, limit, group, rows, starts, stream):
+        """The rule on the blocks of rows beginning at ``starts``: returns the number of flips and,
+        with learnt alpha, ``[(start, sum(grad * w) of the block)]`` taken before the flips."""
+        product, flip, gbuf = self._buffers(rows, w, stream)
+        per_channel, gamma, lr_alpha = group["per_channel"], group["gamma"], group["lr_alpha"]
+        count, alpha_parts = 0, []
+        for r in starts:
+            wb, mb = w[r:r + rows], m[r:r + rows]
+            n = wb.shape[0]
+            pb, fb = product[:n], flip[:n]
+            if outer is None:
+                gb = w.grad[r:r + rows]
+            else:
+                a, b, scale = outer
+                gb = torch.addmm(gbuf[:n], a[r:r + n], b, beta=0, alpha=scale, out=gbuf[:n])
+            mb.lerp_(gb, gamma)
+            if lr_alpha:
+                torch.mul(gb, wb, out=pb)
+                alpha_parts.append((r, pb.sum(tuple(range(1, w.dim()))) if per_channel else pb.sum()))
+            torch.mul(wb, mb, out=pb)
+            torch.gt(pb, limit[r:r + n] if per_channel else limit, out=fb)  # 1.0 where w flips
+            count = count + fb.sum()
+            wb.addcmul_(fb, wb, value=-2.0)
+        return count, alpha_parts
+
+
+CPU_BLOCK_ELEMENTS = 1 << 18  # rows per block of the flip rule on a CPU: 1 MiB per float32 block (measured best)
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU streams: single-threaded workers that relax shares of a batch side by side
+# ----------------------------------------------------------------------------------------------
+MIN_STREAM_BATCH = 16  # smallest share of a batch worth a CPU stream of its own
+_POOL = {}
+_POOL_LOCK = threading.Lock()
+
+
+def stream_pool(n):
+    """A pool of ``n`` worker threads, each running PyTorch single-threaded (made once)."""
+    with _POOL_LOCK:
+        if n not in _POOL:
+            main_threads = torch.get_num_threads()
+            barrier = threading.Barrier(n)
+            pool = ThreadPoolExecutor(n, thread_name_prefix="ep-stream")
+
+            def start(_):
+                torch.set_num_threads(1)  # this worker's operations stay on its own core
+                barrier.wait()
+            list(pool.map(start, range(n)))  # the barrier makes each of the n threads start once
+            torch.set_num_threads(main_threads)  # the default for threads started later
+            _POOL[n] = pool
+        return _POOL[n]
+
+
+def in_streams(n, task):
+    """``[task(0), ..., task(n-1)]``, each in a single-threaded worker with autograd off."""
+    def run(i):
+        with torch.no_grad():
+            return task(i)
+    pool = stream_pool(n)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # MKL's thread count is process-wide: one per stream meanwhile
+    try:
+        return list(pool.map(run, range(n)))
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,10 +306,69 @@ class EPNetwork(nn.Module):
         self.optB = torch.optim.SGD([{"params": [b], "lr": args.lrBias[k]}
                                      for k, b in enumerate(biases)], lr=args.lrBias[0])
 
+    batch_dim = 0  # the batch dimension of the states and targets (fc: 1, its column layout)
+
+    def split_drive(self, drive, n):
+        """``input_drive``'s constants for ``n`` consecutive shares of the batch (subclasses)."""
+        raise NotImplementedError
+
     # -- seed method names ---------------------------------------------------------------------
     def forward(self, s, drive, T, target=None, beta=0.0):
-        """Run ``T`` synchronous steps of ``stepper`` from the states ``s`` (whose buffers are
-        reused as scratch space when autograd is off) and return the final states."""
+        """Run ``T`` synchronous steps of ``stepper`` from the states ``s`` and return the final
+        states (in CPU streams, see ``phases``)."""
+        streams = self._streams(s[0].shape[self.batch_dim], s[0].device)
+        if streams == 1:
+            return self._relax(s, drive, T, target, beta)
+        shares = list(zip(*(self._cut(v, streams) for v in s)))
+        drives = self.split_drive(drive, streams)
+        targets = self._cut(target, streams)
+        results = in_streams(streams, lambda n: self._relax(list(shares[n]), drives[n], T, targets[n], beta))
+        return [torch.cat(parts, self.batch_dim) for parts in zip(*results)]
+
+    def phases(self, x, target=None, beta=0.0):
+        """The relaxation of a batch: the free phase (``T`` steps from ``initHidden``) and, with a
+        ``target``, the nudged phase (``Kmax`` steps from the free fixed point with ``beta``; with
+        ``--nudging symmetric`` a second one with ``-beta``).  Returns ``(s_free,)``,
+        ``(s_free, s_plus)`` or ``(s_free, s_plus, s_minus)``.
+
+        On a CPU with several threads and autograd off, the batch is cut into one share per
+        thread and each share runs all its phases in a single-threaded stream, side by side: the
+        samples of a batch never interact, so this computes the same states (to float32
+        rounding), and the relaxation's small products keep a core far busier this way than
+        split across cores."""
+        streams = self._streams(x.shape[0], x.device)
+        if streams == 1:
+            return self._phases(x, target, beta)
+        xs = x.tensor_split(streams)
+        targets = self._cut(target, streams)
+        results = in_streams(streams, lambda n: self._phases(xs[n], targets[n], beta))
+        return tuple([torch.cat(parts, self.batch_dim) for parts in zip(*phase)] for phase in zip(*results))
+
+    def _phases(self, x, target, beta):
+        drive = self.input_drive(x)
+        s_free = self._relax(self.initHidden(x.shape[0]), drive, self.args.T)
+        if target is None:
+            return (s_free,)
+        s_plus = self._relax([v.clone() for v in s_free], drive, self.args.Kmax, target, beta)
+        if getattr(self.args, "nudging", "one-sided") != "symmetric":
+            return s_free, s_plus
+        return s_free, s_plus, self._relax([v.clone() for v in s_free], drive, self.args.Kmax, target, -beta)
+
+    def _cut(self, v, streams):
+        if v is None:
+            return [None] * streams
+        parts = v.tensor_split(streams, self.batch_dim)  # batch-first shares stay dense (channels_last too)
+        return list(parts) if self.batch_dim == 0 else [part.contiguous() for part in parts]
+
+    @staticmethod
+    def _streams(batch, device):
+        if torch.is_grad_enabled() or device.type != "cpu":
+            return 1
+        return max(1, min(torch.get_num_threads(), batch // MIN_STREAM_BATCH))
+
+    def _relax(self, s, drive, T, target=None, beta=0.0):
+        """``T`` steps of ``stepper`` in this thread (the buffers of ``s`` are reused as scratch
+        space when autograd is off)."""
         spare = None if torch.is_grad_enabled() else [torch.empty_like(v) for v in s]
         for _ in range(T):
             new = self.stepper(s, drive, target, beta, out=spare)
@@ -230,6 +391,10 @@ class EPNetwork(nn.Module):
     def biases(self):
         return [g["params"][0] for g in self.optB.param_groups]
 
+    def weight_grads(self):
+        """The weight gradients the next ``updateWeights`` will use (see ``ep_step``)."""
+        return [self.optW.pending_grad(w) for w in self.binary_weights()]
+
     def alphas(self):
         """alpha of each layer (mean over channels for per-channel factors), as floats."""
         return [float(current_alpha(g["params"][0], g["per_channel"]).mean())
@@ -248,17 +413,15 @@ class EPNetwork(nn.Module):
         return self.forward(s, drive, self.args.T), drive
 
     def ep_step(self, x, target, beta):
-        """One EP estimate written into ``.grad``: free phase, nudged phase(s), gradient.
-        Returns the free-phase states (for error/loss)."""
-        s_free, drive = self.free_phase(x)
-        nudging = getattr(self.args, "nudging", "one-sided")
-        s_plus = self.forward([v.clone() for v in s_free], drive, self.args.Kmax, target, beta)
-        if nudging == "symmetric":
-            s_minus = self.forward([v.clone() for v in s_free], drive, self.args.Kmax, target, -beta)
-            self.computeGradient(x, s_plus, s_minus, 2 * beta)
+        """One EP estimate for ``updateWeights``: free phase, nudged phase(s), gradient (in
+        ``.grad``, the fc input layer's as factors, see ``computeGradient``).  Returns the
+        free-phase states (for error/loss)."""
+        s = self.phases(x, target, beta)
+        if len(s) == 3:  # symmetric nudging: +beta and -beta
+            self.computeGradient(x, s[1], s[2], 2 * beta, outer=True)
         else:
-            self.computeGradient(x, s_plus, s_free, beta)
-        return s_free
+            self.computeGradient(x, s[1], s[0], beta, outer=True)
+        return s[0]
 
     def output(self, s):
         """Output states as (batch, 10)."""
@@ -339,7 +502,7 @@ def test_epoch(net, loader, epoch=None):
         for x, labels in bar:
             x = net.prepare(x.to(device))
             labels = labels.to(device)
-            s, _ = net.free_phase(x)
+            (s,) = net.phases(x)
             out = net.output(s)
             n_seen += labels.numel()
             n_wrong += int((out.argmax(1) != labels).sum())

@@ -6,3 +6,4 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 os.environ.setdefault("EP_NO_PROGRESS", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as main.py sets it for itself

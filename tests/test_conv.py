@@ -93,29 +93,6 @@ def test_ep_gradient_matches_autograd_through_the_free_phase(layers, conv, kerne
         assert abs(ratio - 1) < 0.02, (name, ratio)
 
 
-def test_streams_compute_the_same_states_as_one_stream(monkeypatch):
-    """With two threads the batch relaxes as two single-threaded shares side by side: the states
-    (free and nudged) are those of the whole batch in one stream, to float32 rounding."""
-    torch.set_num_threads(2)
-    args = digits_args(T=30, Kmax=5)
-    torch.manual_seed(0)
-    net = Network_conv(args)
-    (xtr, ytr), _ = sh.load_digits_split()
-    x, y = net.prepare(xtr[:64]), net.target(ytr[:64])
-    with torch.no_grad():
-        assert net._streams(net.initHidden(64)[0]) == 2
-    runs = []
-    for min_share in (16, 10 ** 6):
-        monkeypatch.setattr(nc, "MIN_STREAM_BATCH", min_share)
-        with torch.no_grad():
-            s, drive = net.free_phase(x)
-            s_plus = net.forward([v.clone() for v in s], drive, args.Kmax, y, args.beta)
-        runs.append(s + s_plus)
-    assert runs[0][-1].is_contiguous(memory_format=torch.channels_last)
-    for a, b in zip(*runs):
-        assert a.shape == b.shape and float((a - b).abs().max()) < 1e-5
-
-
 def test_convolution_alpha_is_per_output_channel():
     """alpha = mean |w| of the default initialisation, per output channel (4 decimals) for the
     convolutions, per layer for the classifier; the weights are alpha * sign."""

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import main
+import shared_fc_conv as sh
 from shared_fc_conv import BinaryFlip, binarize_, current_alpha
 
 SEED_FC_COMMANDS = [
@@ -91,7 +92,7 @@ def test_ep_gradient_matches_autograd_through_the_dynamics():
     target = net.target(torch.randint(0, 10, (16,), generator=g))
     with torch.no_grad():
         net.ep_step(x, target, 1e-4)
-    ep = [p.grad.clone() for p in net.binary_weights() + net.biases()]
+    ep = [g.clone() for g in net.weight_grads()] + [p.grad.clone() for p in net.biases()]
     params = net.binary_weights() + net.biases()
     with torch.enable_grad():
         s = net.forward(net.initHidden(16), net.input_drive(x), args.T)
@@ -166,6 +167,52 @@ def test_learnt_alpha_step():
     assert int(n) == 0
     assert torch.allclose(w.data, 0.495 * torch.tensor([[1., -1.], [1., 1.]], dtype=torch.float64))
     assert torch.allclose(current_alpha(w, False), torch.tensor(0.495, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("per_channel, lr_alpha", [(False, 0.0), (False, 0.05), (True, 0.0), (True, 0.05)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_blocked_and_factored_flip_rule_equals_the_whole_matrix_rule(per_channel, lr_alpha, threads, monkeypatch):
+    """The flip rule as training runs it on a CPU (blocks of rows, shared among streams, the fc
+    input layer's gradient given as factors a @ b) gives exactly what the rule gives on the
+    whole matrix with .grad: filter buffers, flips (per step and in total), weights and alpha,
+    over 5 steps with gradients that flip weights each step."""
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    alpha0 = torch.tensor([0.5, 0.2, 0.3, 0.7, 0.1, 0.4, 0.6], dtype=torch.float64).view(7, 1)
+    start = torch.where(torch.rand(7, 5, generator=g) < 0.5, -1.0, 1.0).double() * (alpha0 if per_channel else 0.5)
+    runs = []
+    try:
+        for mode in ("whole", "blocked"):
+            monkeypatch.setattr(sh, "CPU_BLOCK_ELEMENTS", 10 ** 9 if mode == "whole" else 10)  # 2 rows per block
+            w = torch.nn.Parameter(start.clone())
+            opt = flip_optimizer(w, 0.3, 0.05, lr_alpha=lr_alpha, per_channel=per_channel)
+            assert opt._block_rows(w) == (7 if mode == "whole" else 2)
+            gg = torch.Generator().manual_seed(1)
+            counts = []
+            for _ in range(5):
+                a, b = torch.randn(7, 3, generator=gg, dtype=torch.float64), torch.randn(3, 5, generator=gg, dtype=torch.float64)
+                if mode == "whole":
+                    w.grad = 0.7 * a @ b
+                else:
+                    opt.set_outer_grad(w, a, b, 0.7)
+                    assert w.grad is None and torch.allclose(opt.pending_grad(w), 0.7 * a @ b)
+                (n,) = opt.step()
+                counts.append(int(n))
+            runs.append((counts, w.detach().clone(), opt.state[w]["filtered_grad"].clone()))
+    finally:
+        torch.set_num_threads(n_threads)
+    (c1, w1, m1), (c2, w2, m2) = runs
+    assert c1 == c2 and sum(c1) > 5, (c1, c2)
+    assert torch.allclose(w1, w2, rtol=1e-12, atol=1e-15) and torch.allclose(m1, m2, rtol=1e-12, atol=1e-15)
+    if lr_alpha:
+        assert not torch.allclose(w1.abs(), start.abs())  # alpha moved
+
+
+def test_a_step_without_gradient_is_an_error():
+    w = torch.nn.Parameter(torch.ones(2, 2))
+    with pytest.raises(RuntimeError, match="no gradient"):
+        flip_optimizer(w, 0.5, 0.1).step()
 
 
 def test_alpha_initialisation_is_rounded_mean_abs_of_default_init():

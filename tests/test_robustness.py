@@ -447,7 +447,7 @@ def test_planted_divergence_stops_and_keeps_the_last_good_epoch(plant, tmp_path,
             group = self.optW.param_groups[1]
             w = group["params"][0]
             alpha = float(w.detach().abs().reshape(-1)[0])
-            group["lr_alpha"] = 4 * alpha / float((w.grad * w).sum())
+            group["lr_alpha"] = 4 * alpha / float((self.optW.pending_grad(w) * w).sum())
         flips = original_update(self)
         if armed and when == "after":
             with torch.no_grad():
