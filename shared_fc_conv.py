@@ -215,12 +215,16 @@ class BinaryFlip(torch.optim.Optimizer):
             wb, mb = w[r:r + rows], m[r:r + rows]
             n = wb.shape[0]
             pb, fb = product[:n], flip[:n]
-            if outer is None:
-                gb = w.grad[r:r + rows]
-            else:
+            if outer is not None and not lr_alpha:  # the filter inside the product: m <- (1-g) m + g a b
                 a, b, scale = outer
-                gb = torch.addmm(gbuf[:n], a[r:r + n], b, beta=0, alpha=scale, out=gbuf[:n])
-            mb.lerp_(gb, gamma)
+                mb.addmm_(a[r:r + n], b, beta=1.0 - gamma, alpha=gamma * scale)
+            else:
+                if outer is None:
+                    gb = w.grad[r:r + rows]
+                else:
+                    a, b, scale = outer
+                    gb = torch.addmm(gbuf[:n], a[r:r + n], b, beta=0, alpha=scale, out=gbuf[:n])
+                mb.lerp_(gb, gamma)
             if lr_alpha:
                 torch.mul(gb, wb, out=pb)
                 alpha_parts.append((r, pb.sum(tuple(range(1, w.dim()))) if per_channel else pb.sum()))
