@@ -112,12 +112,13 @@ class Network_fc(EPNetwork):
         n = len(s_plus)
         for k, layer in enumerate(self.W):
             w, b = layer.weight, layer.bias
-            if w.grad is None and not (k == n - 1 and outer):
+            factors = outer and k == n - 1
+            if w.grad is None and not factors:
                 w.grad = torch.empty_like(w)
             if b.grad is None:
                 b.grad = torch.empty_like(b)
             diff = s_plus[k] - s_minus[k]
-            if k == n - 1 and outer:
+            if factors:
                 self.optW.set_outer_grad(w, diff, x, -c)
             elif k == n - 1:
                 torch.addmm(w.grad, diff, x, beta=0, alpha=-c, out=w.grad)

@@ -215,15 +215,15 @@ class BinaryFlip(torch.optim.Optimizer):
             wb, mb = w[r:r + rows], m[r:r + rows]
             n = wb.shape[0]
             pb, fb = product[:n], flip[:n]
-            if outer is not None and not lr_alpha:  # the filter inside the product: m <- (1-g) m + g a b
+            if outer is None:
+                gb = w.grad[r:r + n]
+                mb.lerp_(gb, gamma)
+            elif not lr_alpha:  # the filter inside the product: m <- (1 - gamma) m + gamma a b
                 a, b, scale = outer
                 mb.addmm_(a[r:r + n], b, beta=1.0 - gamma, alpha=gamma * scale)
-            else:
-                if outer is None:
-                    gb = w.grad[r:r + rows]
-                else:
-                    a, b, scale = outer
-                    gb = torch.addmm(gbuf[:n], a[r:r + n], b, beta=0, alpha=scale, out=gbuf[:n])
+            else:  # the block's gradient itself is needed for alpha's step
+                a, b, scale = outer
+                gb = torch.addmm(gbuf[:n], a[r:r + n], b, beta=0, alpha=scale, out=gbuf[:n])
                 mb.lerp_(gb, gamma)
             if lr_alpha:
                 torch.mul(gb, wb, out=pb)
@@ -283,8 +283,9 @@ def in_streams(n, task):
 class EPNetwork(nn.Module):
     """Binary-weight EP network: the parts that do not depend on the architecture.
 
-    Subclasses define ``initHidden(batch)``, ``input_drive(x)``, ``stepper(s, drive, target,
-    beta, out)``, ``computeGradient(x, s_plus, s_minus, beta_span)``, ``prepare(x)`` and call
+    Subclasses define ``initHidden(batch)``, ``input_drive(x)``, ``split_drive(drive, n)``,
+    ``stepper(s, drive, target, beta, out)``, ``computeGradient(x, s_plus, s_minus, beta_span,
+    outer)``, ``prepare(x)``, ``batch_dim`` if their states are not batch-first, and call
     ``_setup_optimizers`` at the end of ``__init__``.
     """
 
