@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cpu_kernels
 from shared_fc_conv import INPUT_SHAPE, EPNetwork, UserError, nudge, one_hot, rho
 
 LayerGeometry = namedtuple("LayerGeometry", "name input conv pool")
@@ -165,6 +166,8 @@ class Network_conv(EPNetwork):
         fc_last = self.fc[-1].weight
         fc_top = fc_last.view(-1, c, h, w).permute(0, 2, 3, 1).reshape(fc_last.shape[0], -1)
         pooled, indices = self._pool(F.conv2d(x, conv_w[-1], bottom.bias, padding=self.padding))
+        # (a one-channel input gives them the default layout)
+        pooled, indices = (t.contiguous(memory_format=self.layout) for t in (pooled, indices))
         return ConvDrive(pooled, indices, conv_w, fc_top)
 
     def stepper(self, s, drive, target=None, beta=0.0, out=None):
@@ -201,6 +204,13 @@ class Network_conv(EPNetwork):
             if i == 0:
                 b, c, h, w = s[nf].shape
                 feedback = (s[nf - 1] @ drive.fc_top).view(b, h, w, c).permute(0, 3, 1, 2)
+            elif self._use_kernel(pooled):  # pooled + the feedback, without the unpooled zeros
+                a = cpu_kernels.unpool_conv_transpose(
+                    s[nf + i - 1], indices.contiguous(memory_format=self.layout), drive.conv_w[i - 1],
+                    self.geometry[i - 1].conv[1:], self.padding, base=pooled, out=buf)
+                new.append(rho(a, act))
+                indices = next_indices
+                continue
             else:
                 feedback = F.conv_transpose2d(self._unpool(s[nf + i - 1], indices, i - 1),
                                               drive.conv_w[i - 1], padding=self.padding)
@@ -208,6 +218,12 @@ class Network_conv(EPNetwork):
             new.append(rho(a, act))
             indices = next_indices
         return new
+
+    @staticmethod
+    def _use_kernel(t):
+        """Whether the compiled feedback kernel applies: float32 on the CPU, autograd off."""
+        return (t.device.type == "cpu" and t.dtype == torch.float32 and not torch.is_grad_enabled()
+                and cpu_kernels.available())
 
     def split_drive(self, drive, n):
         return [drive._replace(pooled=p, indices=i) for p, i in

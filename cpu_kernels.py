@@ -1,0 +1,141 @@
+"""Compiled CPU kernels (``cpu_kernels.c``), built with the system's C compiler on first use.
+
+The only kernel is the convolutional network's feedback through a max-pool,
+``base + conv_transpose2d(max_unpool2d(s, indices), w, padding)``, computed from the pooled state
+without the unpooled zeros (a quarter of the arithmetic for ``--Fpool 2``).  The shared library
+is built once per source version and CPU into ``$XDG_CACHE_HOME/binary-eqprop`` (default
+``~/.cache/binary-eqprop``, or the system's temporary folder if that cannot be written), with
+``-O3 -march=native``; concurrent first runs each build into a temporary name and rename it, so
+they never see a half-written library.
+
+Where no C compiler works, or with ``EP_CPU_KERNELS=0`` in the environment, ``feedback`` is
+``None`` and the network uses PyTorch's dense ``max_unpool2d`` + ``conv_transpose2d`` instead:
+the same numbers (to float32 rounding), more slowly.
+"""
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+
+import torch
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.c")
+FLAG_SETS = (["-O3", "-march=native"], ["-O3"])  # the second for compilers without -march=native
+_LOCK = threading.Lock()
+_STATE = {}
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "".join(sorted({line for line in f if line.startswith(("model name", "flags"))}))
+    except OSError:
+        return platform.processor()
+
+
+def _cache_dirs():
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return [os.path.join(base, "binary-eqprop"), os.path.join(tempfile.gettempdir(), "binary-eqprop")]
+
+
+def _build():
+    """Path of the compiled library (building it if needed) or None, with the reason."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        return None, "no C compiler (cc, gcc or clang) was found"
+    with open(SOURCE, "rb") as f:
+        source = f.read()
+    key = hashlib.sha256(source + compiler.encode() + _cpu_name().encode()
+                         + platform.machine().encode()).hexdigest()[:16]
+    reason = "the cache folder could not be written"
+    for folder in _cache_dirs():
+        lib = os.path.join(folder, f"cpu_kernels-{key}.so")
+        if os.path.exists(lib):
+            return lib, None
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", prefix=".building-", dir=folder)
+            os.close(fd)
+        except OSError:
+            continue
+        try:
+            for flags in FLAG_SETS:
+                run = subprocess.run([compiler, *flags, "-std=c99", "-fPIC", "-shared", SOURCE, "-o", tmp],
+                                     capture_output=True, text=True)
+                if run.returncode == 0:
+                    os.replace(tmp, lib)
+                    return lib, None
+            lines = (run.stderr or run.stdout).strip().splitlines()
+            reason = f"{os.path.basename(compiler)} failed: {lines[-1] if lines else 'no message'}"
+        except OSError as e:
+            reason = f"{os.path.basename(compiler)} could not run: {e}"
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        break
+    return None, reason
+
+
+def _load():
+    if os.environ.get("EP_CPU_KERNELS", "1") == "0":
+        return None
+    lib, reason = _build()
+    if lib is None:
+        print(f"note: the compiled CPU kernel is unavailable ({reason}); the convolutional network "
+              "uses PyTorch's dense transposed convolution instead, which gives the same results "
+              "more slowly", file=sys.stderr)
+        return None
+    fn = ctypes.CDLL(lib).unpool_conv_transpose
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 10
+    return fn
+
+
+def _kernel():
+    with _LOCK:
+        if "fn" not in _STATE:
+            _STATE["fn"] = _load()
+        return _STATE["fn"]
+
+
+def available():
+    """Whether the compiled kernel can be used (building it on the first call)."""
+    return _kernel() is not None
+
+
+def unpool_conv_transpose(s, indices, weight, conv_size, padding, base=None, out=None):
+    """``base + conv_transpose2d(max_unpool2d(s, indices, output_size=conv_size), weight, padding)``
+    for float32 CPU tensors: ``s`` and ``indices`` (B, C, Hp, Wp) and ``weight`` (C, Co, K, K)
+    (a ``Conv2d`` weight) in the channels-last memory layout; ``base``, if given, and the result
+    (B, Co, Ho, Wo) channels-last, written into ``out`` when given (it may be ``base``).  Requires
+    ``available()``."""
+    fn = _kernel()
+    b, c, hp, wp = s.shape
+    co, k = weight.shape[1], weight.shape[2]
+    hc, wc = conv_size
+    ho, wo = hc + k - 1 - 2 * padding, wc + k - 1 - 2 * padding
+    cl = torch.channels_last
+    for name, t in (("s", s), ("indices", indices), ("weight", weight), ("base", base), ("out", out)):
+        if t is not None and not t.is_contiguous(memory_format=cl):
+            raise ValueError(f"unpool_conv_transpose: {name} must be channels-last")
+    if any(t is not None and t.device.type != "cpu" for t in (s, indices, weight, base, out)):
+        raise ValueError("unpool_conv_transpose: CPU tensors only")
+    if s.dtype != torch.float32 or weight.dtype != torch.float32 or indices.dtype != torch.int64:
+        raise ValueError("unpool_conv_transpose: float32 states and weights, int64 indices")
+    if out is None:
+        out = torch.empty((b, co, ho, wo), dtype=s.dtype, memory_format=cl)
+    elif out.shape != (b, co, ho, wo):
+        raise ValueError(f"unpool_conv_transpose: out has shape {tuple(out.shape)}, not {(b, co, ho, wo)}")
+    if base is not None and base.shape != out.shape:
+        raise ValueError(f"unpool_conv_transpose: base has shape {tuple(base.shape)}, not {tuple(out.shape)}")
+    if fn(s.data_ptr(), indices.data_ptr(), weight.data_ptr(),
+          None if base is None else base.data_ptr(), out.data_ptr(),
+          b, c, hp, wp, wc, co, ho, wo, k, padding):
+        raise MemoryError("unpool_conv_transpose: out of memory for its scratch space")
+    return out
