@@ -207,7 +207,7 @@ class Network_conv(EPNetwork):
             elif self._use_kernel(pooled):  # pooled + the feedback, without the unpooled zeros
                 a = cpu_kernels.unpool_conv_transpose(
                     s[nf + i - 1], indices.contiguous(memory_format=self.layout), drive.conv_w[i - 1],
-                    self.geometry[i - 1].conv[1:], self.padding, base=pooled, out=buf)
+                    self.geometry[i - 1].conv[1:], self.padding, self.fpool, base=pooled, out=buf)
                 new.append(rho(a, act))
                 indices = next_indices
                 continue

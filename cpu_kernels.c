@@ -35,6 +35,9 @@ static void add_weighted_rows(float *restrict dst, const float *const *src, cons
                               int64_t m, int64_t n)
 {
     int64_t t = 0;
+#ifdef NO_FMA
+    return;
+#endif
 #if defined(__AVX2__) && defined(__FMA__)
     for (; t + 64 <= n; t += 64) {
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
@@ -91,63 +94,85 @@ static void add_weighted_rows(float *restrict dst, const float *const *src, cons
     }
 }
 
-/* Returns 0, or -1 when scratch memory could not be allocated (nothing is written then). */
+/* Returns 0; -1 when scratch memory could not be allocated, -2 when an index lies outside its
+ * pooling window (then the output is incomplete). */
 int unpool_conv_transpose(const float *s, const int64_t *indices, const float *w,
                           const float *base, float *out,
-                          int64_t B, int64_t C, int64_t Hp, int64_t Wp, int64_t Wc,
+                          int64_t B, int64_t C, int64_t Hp, int64_t Wp, int64_t Wc, int64_t Fp,
                           int64_t Co, int64_t Ho, int64_t Wo, int64_t K, int64_t pad)
 {
-    const int64_t image = Ho * Wo * Co, J = Hp * Wp, pooled = J * C, row = K * Co;
-    int64_t *chan = malloc((size_t)C * sizeof(int64_t));
-    int64_t *pos = malloc((size_t)C * sizeof(int64_t));
-    float *val = malloc((size_t)C * sizeof(float));
+    const int64_t image = Ho * Wo * Co, pooled = Hp * Wp * C, row = K * Co, F2 = Fp * Fp;
+    const int64_t span = (Fp - 1) * Wc + Fp;  /* index - window corner: 0 .. span - 1 */
+    int64_t *window = malloc((size_t)span * sizeof(int64_t));  /* index - corner -> offset code */
+    int64_t *count = malloc((size_t)(F2 + 1) * sizeof(int64_t));
+    int64_t *code = malloc((size_t)C * sizeof(int64_t));
     int64_t *gchan = malloc((size_t)C * sizeof(int64_t));
     float *gval = malloc((size_t)C * sizeof(float));
     const float **src = malloc((size_t)C * sizeof(float *));
-    const int ok = chan && pos && val && gchan && gval && src;
-    for (int64_t b = 0; ok && b < B; b++) {
+    int status = window && count && code && gchan && gval && src ? 0 : -1;
+    if (status == 0) {
+        for (int64_t d = 0; d < span; d++)
+            window[d] = d % Wc < Fp ? (d / Wc) * Fp + d % Wc : -1;
+    }
+    for (int64_t b = 0; status == 0 && b < B; b++) {
         float *o = out + b * image;
         if (base == NULL)
             memset(o, 0, (size_t)image * sizeof(float));
         else if (base != out)
             memcpy(o, base + b * image, (size_t)image * sizeof(float));
-        for (int64_t j = 0; j < J; j++) {
-            const float *sj = s + b * pooled + j * C;
-            const int64_t *ij = indices + b * pooled + j * C;
-            int64_t n = 0;
-            for (int64_t c = 0; c < C; c++)
-                if (sj[c] != 0.0f) {
-                    chan[n] = c; pos[n] = ij[c]; val[n] = sj[c]; n++;
+        for (int64_t py = 0; py < Hp; py++)
+            for (int64_t px = 0; px < Wp; px++) {
+                const int64_t cell = b * pooled + (py * Wp + px) * C;
+                const float *sj = s + cell;
+                const int64_t *ij = indices + cell;
+                const int64_t corner = Fp * py * Wc + Fp * px;
+                /* group the non-zero values by the offset in the window they point at
+                 * (a counting sort: channels stay ascending within a group) */
+                memset(count, 0, (size_t)(F2 + 1) * sizeof(int64_t));
+                for (int64_t c = 0; c < C; c++) {
+                    const int64_t d = ij[c] - corner;
+                    if (d < 0 || d >= span || window[d] < 0) {
+                        status = -2;
+                        break;
+                    }
+                    code[c] = sj[c] != 0.0f ? window[d] : F2;  /* F2: a zero, skipped */
+                    count[code[c]]++;
                 }
-            while (n > 0) {  /* one group per position the window's values point at */
-                const int64_t p = pos[0];
-                int64_t m = 0, rest = 0;
-                for (int64_t i = 0; i < n; i++) {
-                    if (pos[i] == p) {
-                        gchan[m] = chan[i]; gval[m] = val[i]; m++;
-                    } else {
-                        chan[rest] = chan[i]; pos[rest] = pos[i]; val[rest] = val[i]; rest++;
+                if (status)
+                    break;
+                for (int64_t g = 0, start = 0; g <= F2; g++) {
+                    const int64_t n = count[g];
+                    count[g] = start;
+                    start += n;
+                }
+                for (int64_t c = 0; c < C; c++) {
+                    const int64_t at = count[code[c]]++;
+                    gchan[at] = c;
+                    gval[at] = sj[c];
+                }
+                /* count[g] is now the end of group g */
+                for (int64_t g = 0, first = 0; g < F2; first = count[g], g++) {
+                    const int64_t m = count[g] - first;
+                    if (m == 0)
+                        continue;
+                    /* output position of kernel tap (0, 0): the convolution position minus pad,
+                     * and the part of each kernel row that lands inside the image */
+                    const int64_t y0 = Fp * py + g / Fp - pad, x0 = Fp * px + g % Fp - pad;
+                    const int64_t lo = x0 < 0 ? -x0 * Co : 0;
+                    const int64_t hi = x0 + K > Wo ? (Wo - x0) * Co : row;
+                    if (hi <= lo)
+                        continue;
+                    for (int64_t ky = 0; ky < K; ky++) {
+                        const int64_t y = y0 + ky;
+                        if (y < 0 || y >= Ho)
+                            continue;
+                        for (int64_t i = 0; i < m; i++)
+                            src[i] = w + (gchan[first + i] * K + ky) * row + lo;
+                        add_weighted_rows(o + (y * Wo + x0) * Co + lo, src, gval + first, m, hi - lo);
                     }
                 }
-                n = rest;
-                /* output position of kernel tap (0, 0): the convolution position minus pad,
-                 * and the part of each kernel row that lands inside the image */
-                const int64_t y0 = p / Wc - pad, x0 = p % Wc - pad;
-                const int64_t lo = x0 < 0 ? -x0 * Co : 0;
-                const int64_t hi = x0 + K > Wo ? (Wo - x0) * Co : row;
-                if (hi <= lo)
-                    continue;
-                for (int64_t ky = 0; ky < K; ky++) {
-                    const int64_t y = y0 + ky;
-                    if (y < 0 || y >= Ho)
-                        continue;
-                    for (int64_t i = 0; i < m; i++)
-                        src[i] = w + (gchan[i] * K + ky) * row + lo;
-                    add_weighted_rows(o + (y * Wo + x0) * Co + lo, src, gval, m, hi - lo);
-                }
             }
-        }
     }
-    free(chan); free(pos); free(val); free(gchan); free(gval); free(src);
-    return ok ? 0 : -1;
+    free(window); free(count); free(code); free(gchan); free(gval); free(src);
+    return status;
 }

@@ -93,7 +93,7 @@ def _load():
         return None
     fn = ctypes.CDLL(lib).unpool_conv_transpose
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 10
+    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 11
     return fn
 
 
@@ -109,7 +109,7 @@ def available():
     return _kernel() is not None
 
 
-def unpool_conv_transpose(s, indices, weight, conv_size, padding, base=None, out=None):
+def unpool_conv_transpose(s, indices, weight, conv_size, padding, fpool, base=None, out=None):
     """``base + conv_transpose2d(max_unpool2d(s, indices, output_size=conv_size), weight, padding)``
     for float32 CPU tensors: ``s`` and ``indices`` (B, C, Hp, Wp) and ``weight`` (C, Co, K, K)
     (a ``Conv2d`` weight) in the channels-last memory layout; ``base``, if given, and the result
@@ -134,8 +134,11 @@ def unpool_conv_transpose(s, indices, weight, conv_size, padding, base=None, out
         raise ValueError(f"unpool_conv_transpose: out has shape {tuple(out.shape)}, not {(b, co, ho, wo)}")
     if base is not None and base.shape != out.shape:
         raise ValueError(f"unpool_conv_transpose: base has shape {tuple(base.shape)}, not {tuple(out.shape)}")
-    if fn(s.data_ptr(), indices.data_ptr(), weight.data_ptr(),
-          None if base is None else base.data_ptr(), out.data_ptr(),
-          b, c, hp, wp, wc, co, ho, wo, k, padding):
+    status = fn(s.data_ptr(), indices.data_ptr(), weight.data_ptr(),
+                None if base is None else base.data_ptr(), out.data_ptr(),
+                b, c, hp, wp, wc, fpool, co, ho, wo, k, padding)
+    if status == -1:
         raise MemoryError("unpool_conv_transpose: out of memory for its scratch space")
+    if status == -2:
+        raise ValueError(f"unpool_conv_transpose: an index lies outside its {fpool}x{fpool} pooling window")
     return out
