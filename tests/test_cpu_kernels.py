@@ -1,0 +1,138 @@
+"""The compiled CPU kernel of the convolutional feedback (cpu_kernels.c) against PyTorch's dense
+``max_unpool2d`` + ``conv_transpose2d``, inside the network and on its own, and its build."""
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cpu_kernels
+from Network_conv import Network_conv
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CL = torch.channels_last
+
+needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason="no working C compiler here")
+
+
+def pooled_case(batch, c_in, c_out, size, kernel, padding, fpool, zeros, seed=0):
+    """A convolution's pooled states, indices and weight as the network makes them."""
+    g = torch.Generator().manual_seed(seed)
+    below = torch.rand(batch, c_in, size, size, generator=g).contiguous(memory_format=CL)
+    w = torch.randn(c_out, c_in, kernel, kernel, generator=g).contiguous(memory_format=CL)
+    conv = F.conv2d(below, w, padding=padding)
+    _, indices = F.max_pool2d(conv, fpool, fpool, return_indices=True)
+    s = torch.rand(indices.shape, generator=g)
+    s[torch.rand(indices.shape, generator=g) < zeros] = 0.0  # rho clamps many states to 0
+    return s.contiguous(memory_format=CL), indices.contiguous(memory_format=CL), w, conv.shape[2:]
+
+
+def dense(s, indices, w, conv_size, padding, fpool):
+    return F.conv_transpose2d(F.max_unpool2d(s, indices, fpool, fpool, output_size=conv_size), w,
+                              padding=padding)
+
+
+GEOMETRIES = [  # batch, channels in/out of the convolution, input size, kernel, padding, Fpool
+    (6, 32, 64, 12, 5, 0, 2),   # the seed's MNIST top convolution
+    (4, 3, 8, 16, 5, 2, 2),     # padding: kernel taps fall outside the image
+    (3, 5, 7, 11, 3, 1, 3),     # Fpool 3, a convolution output not divisible by the pool
+    (2, 4, 6, 9, 5, 2, 2),      # odd size with padding
+    (2, 1, 3, 7, 7, 3, 4),      # kernel as large as the image
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("batch,c_in,c_out,size,kernel,padding,fpool", GEOMETRIES)
+def test_kernel_equals_dense_unpool_and_transposed_convolution(batch, c_in, c_out, size, kernel, padding, fpool):
+    s, indices, w, conv_size = pooled_case(batch, c_in, c_out, size, kernel, padding, fpool, zeros=0.4)
+    ref = dense(s, indices, w, conv_size, padding, fpool)
+    base = torch.randn(ref.shape).contiguous(memory_format=CL)
+    got = cpu_kernels.unpool_conv_transpose(s, indices, w, conv_size, padding, fpool, base=base)
+    assert got.shape == ref.shape and got.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(got, ref + base, rtol=1e-5, atol=1e-5)
+    alone = cpu_kernels.unpool_conv_transpose(s, indices, w, conv_size, padding, fpool)  # base None
+    torch.testing.assert_close(alone, ref, rtol=1e-5, atol=1e-5)
+    inplace = base.clone()
+    out = cpu_kernels.unpool_conv_transpose(s, indices, w, conv_size, padding, fpool, base=inplace, out=inplace)
+    assert out.data_ptr() == inplace.data_ptr()
+    torch.testing.assert_close(inplace, ref + base, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_a_samples_feedback_does_not_depend_on_its_batch():
+    s, indices, w, conv_size = pooled_case(8, 32, 64, 12, 5, 0, 2, zeros=0.4)
+    whole = cpu_kernels.unpool_conv_transpose(s, indices, w, conv_size, 0, 2)
+    for b in (0, 5):
+        one = cpu_kernels.unpool_conv_transpose(s[b:b + 1].contiguous(memory_format=CL),
+                                                indices[b:b + 1].contiguous(memory_format=CL), w, conv_size, 0, 2)
+        assert torch.equal(one[0], whole[b])
+
+
+@needs_kernel
+def test_bad_inputs_are_refused():
+    s, indices, w, conv_size = pooled_case(2, 4, 6, 9, 5, 2, 2, zeros=0.0)
+    with pytest.raises(ValueError, match="channels-last"):
+        cpu_kernels.unpool_conv_transpose(s.contiguous(), indices, w, conv_size, 2, 2)
+    with pytest.raises(ValueError, match="float32"):
+        cpu_kernels.unpool_conv_transpose(s.double().contiguous(memory_format=CL), indices, w.double(), conv_size, 2, 2)
+    far = indices.clone()
+    far[0, 0, 0, 0] = conv_size[1] * 3  # a position two rows below the first window
+    with pytest.raises(ValueError, match="outside its 2x2 pooling window"):
+        cpu_kernels.unpool_conv_transpose(s, far, w, conv_size, 2, 2)
+
+
+def conv_args(padding):
+    return SimpleNamespace(dataset="mnist", convList=[16, 8, 1], kernelSize=5, padding=padding, Fpool=2,
+                           layersList=[10], activationFun="hardsigm", gamma=[1e-4] * 3,
+                           gradThreshold=[1e-6] * 3, lrBias=[0.01] * 3, lrAlpha=[0.0] * 3, learnAlpha=0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("padding", [0, 2])
+def test_relaxation_with_the_kernel_equals_the_dense_path(padding, monkeypatch):
+    torch.manual_seed(0)
+    net = Network_conv(conv_args(padding))
+    net.args = SimpleNamespace(T=30, Kmax=5, nudging="one-sided")
+    x = net.prepare(torch.rand(6, 1, 28, 28))
+    target = net.target(torch.randint(0, 10, (6,)))
+    with torch.no_grad():
+        fast = net.phases(x, target, 0.5)
+        monkeypatch.setitem(cpu_kernels._STATE, "fn", None)  # as without a compiler
+        assert not cpu_kernels.available()
+        slow = net.phases(x, target, 0.5)
+    for a, b in zip(fast, slow):
+        for u, v in zip(a, b):
+            torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-5)
+
+
+def run_python(code, env_extra, tmp_path):
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), **env_extra)
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_without_a_compiler_the_network_says_so_once_and_uses_the_dense_path(tmp_path):
+    code = ("import torch, cpu_kernels\n"
+            "print(cpu_kernels.available(), cpu_kernels.available())\n")
+    run = run_python(code, {"CC": str(tmp_path / "no-such-cc")}, tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["False", "False"]
+    assert run.stderr.count("note: the compiled CPU kernel is unavailable") == 1
+    assert "no-such-cc could not run" in run.stderr and "Traceback" not in run.stderr
+    quiet = run_python(code, {"EP_CPU_KERNELS": "0"}, tmp_path)
+    assert quiet.stdout.split() == ["False", "False"] and quiet.stderr == ""
+
+
+@needs_kernel
+def test_concurrent_first_builds_all_get_a_whole_library(tmp_path):
+    code = "import cpu_kernels; print(cpu_kernels.available())"
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [o.strip() for o, _ in outs] == ["True"] * 4, outs
+    built = os.listdir(tmp_path / "cache" / "binary-eqprop")
+    assert len(built) == 1 and built[0].startswith("cpu_kernels-") and built[0].endswith(".so")
