@@ -86,12 +86,17 @@ def _load():
     if os.environ.get("EP_CPU_KERNELS", "1") == "0":
         return None
     lib, reason = _build()
-    if lib is None:
+    fn = None
+    if lib is not None:
+        try:
+            fn = ctypes.CDLL(lib).unpool_conv_transpose
+        except (OSError, AttributeError) as e:  # e.g. a cache folder mounted noexec
+            reason = f"{lib} could not be loaded: {e}"
+    if fn is None:
         print(f"note: the compiled CPU kernel is unavailable ({reason}); the convolutional network "
               "uses PyTorch's dense transposed convolution instead, which gives the same results "
               "more slowly", file=sys.stderr)
         return None
-    fn = ctypes.CDLL(lib).unpool_conv_transpose
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 11
     return fn

@@ -136,3 +136,12 @@ def test_concurrent_first_builds_all_get_a_whole_library(tmp_path):
     assert [o.strip() for o, _ in outs] == ["True"] * 4, outs
     built = os.listdir(tmp_path / "cache" / "binary-eqprop")
     assert len(built) == 1 and built[0].startswith("cpu_kernels-") and built[0].endswith(".so")
+
+
+def test_a_library_that_cannot_be_loaded_falls_back_with_the_note(tmp_path, monkeypatch, capsys):
+    junk = tmp_path / "cpu_kernels-junk.so"
+    junk.write_text("not a shared library")
+    monkeypatch.setattr(cpu_kernels, "_build", lambda: (str(junk), None))
+    assert cpu_kernels._load() is None
+    err = capsys.readouterr().err
+    assert "note: the compiled CPU kernel is unavailable" in err and "could not be loaded" in err
