@@ -30,61 +30,40 @@
 #include <immintrin.h>
 #endif
 
-/* dst[0:n] += sum_i v[i] * src[i][0:n] */
+#if defined(__AVX2__) && defined(__FMA__)
+/* dst[0:8 N] += sum_i v[i] * src[i][0:8 N], the sum held in N registers (N a constant once
+ * inlined: the loops over k unroll and acc stays in registers) */
+static inline __attribute__((always_inline)) void
+add_weighted_block(float *restrict dst, const float *const *src, const float *v, int64_t m,
+                   int64_t t, const int N)
+{
+    __m256 acc[8];
+    for (int k = 0; k < N; k++)
+        acc[k] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < m; i++) {
+        const __m256 vi = _mm256_broadcast_ss(v + i);
+        const float *p = src[i] + t;
+        for (int k = 0; k < N; k++)
+            acc[k] = _mm256_fmadd_ps(vi, _mm256_loadu_ps(p + 8 * k), acc[k]);
+    }
+    for (int k = 0; k < N; k++)
+        _mm256_storeu_ps(dst + t + 8 * k, _mm256_add_ps(_mm256_loadu_ps(dst + t + 8 * k), acc[k]));
+}
+#endif
+
+/* dst[0:n] += sum_i v[i] * src[i][0:n]: 64 floats at a time (8 registers of sums, enough
+ * independent FMAs to hide their latency), then 32, then 8, then one by one */
 static void add_weighted_rows(float *restrict dst, const float *const *src, const float *v,
                               int64_t m, int64_t n)
 {
     int64_t t = 0;
-#ifdef NO_FMA
-    return;
-#endif
 #if defined(__AVX2__) && defined(__FMA__)
-    for (; t + 64 <= n; t += 64) {
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-        for (int64_t i = 0; i < m; i++) {
-            const __m256 vi = _mm256_broadcast_ss(v + i);
-            const float *p = src[i] + t;
-            a0 = _mm256_fmadd_ps(vi, _mm256_loadu_ps(p), a0);
-            a1 = _mm256_fmadd_ps(vi, _mm256_loadu_ps(p + 8), a1);
-            a2 = _mm256_fmadd_ps(vi, _mm256_loadu_ps(p + 16), a2);
-            a3 = _mm256_fmadd_ps(vi, _mm256_loadu_ps(p + 24), a3);
-            a4 = _mm256_fmadd_ps(vi, _mm256_loadu_ps(p + 32), a4);
-            a5 = _mm256_fmadd_ps(vi, _mm256_loadu_ps(p + 40), a5);
-            a6 = _mm256_fmadd_ps(vi, _mm256_loadu_ps(p + 48), a6);
-            a7 = _mm256_fmadd_ps(vi, _mm256_loadu_ps(p + 56), a7);
-        }
-        float *d = dst + t;
-        _mm256_storeu_ps(d, _mm256_add_ps(_mm256_loadu_ps(d), a0));
-        _mm256_storeu_ps(d + 8, _mm256_add_ps(_mm256_loadu_ps(d + 8), a1));
-        _mm256_storeu_ps(d + 16, _mm256_add_ps(_mm256_loadu_ps(d + 16), a2));
-        _mm256_storeu_ps(d + 24, _mm256_add_ps(_mm256_loadu_ps(d + 24), a3));
-        _mm256_storeu_ps(d + 32, _mm256_add_ps(_mm256_loadu_ps(d + 32), a4));
-        _mm256_storeu_ps(d + 40, _mm256_add_ps(_mm256_loadu_ps(d + 40), a5));
-        _mm256_storeu_ps(d + 48, _mm256_add_ps(_mm256_loadu_ps(d + 48), a6));
-        _mm256_storeu_ps(d + 56, _mm256_add_ps(_mm256_loadu_ps(d + 56), a7));
-    }
-    for (; t + 32 <= n; t += 32) {
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int64_t i = 0; i < m; i++) {
-            const __m256 vi = _mm256_broadcast_ss(v + i);
-            const float *p = src[i] + t;
-            a0 = _mm256_fmadd_ps(vi, _mm256_loadu_ps(p), a0);
-            a1 = _mm256_fmadd_ps(vi, _mm256_loadu_ps(p + 8), a1);
-            a2 = _mm256_fmadd_ps(vi, _mm256_loadu_ps(p + 16), a2);
-            a3 = _mm256_fmadd_ps(vi, _mm256_loadu_ps(p + 24), a3);
-        }
-        float *d = dst + t;
-        _mm256_storeu_ps(d, _mm256_add_ps(_mm256_loadu_ps(d), a0));
-        _mm256_storeu_ps(d + 8, _mm256_add_ps(_mm256_loadu_ps(d + 8), a1));
-        _mm256_storeu_ps(d + 16, _mm256_add_ps(_mm256_loadu_ps(d + 16), a2));
-        _mm256_storeu_ps(d + 24, _mm256_add_ps(_mm256_loadu_ps(d + 24), a3));
-    }
-    for (; t + 8 <= n; t += 8) {
-        __m256 a = _mm256_setzero_ps();
-        for (int64_t i = 0; i < m; i++)
-            a = _mm256_fmadd_ps(_mm256_broadcast_ss(v + i), _mm256_loadu_ps(src[i] + t), a);
-        _mm256_storeu_ps(dst + t, _mm256_add_ps(_mm256_loadu_ps(dst + t), a));
-    }
+    for (; t + 64 <= n; t += 64)
+        add_weighted_block(dst, src, v, m, t, 8);
+    for (; t + 32 <= n; t += 32)
+        add_weighted_block(dst, src, v, m, t, 4);
+    for (; t + 8 <= n; t += 8)
+        add_weighted_block(dst, src, v, m, t, 1);
 #endif
     for (; t < n; t++) {
         float a = 0.0f;
