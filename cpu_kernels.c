@@ -34,15 +34,15 @@
 /* dst[0:8 N] += sum_i v[i] * src[i][0:8 N], the sum held in N registers (N a constant once
  * inlined: the loops over k unroll and acc stays in registers) */
 static inline __attribute__((always_inline)) void
-add_weighted_block(float *restrict dst, const float *const *src, const float *v, int64_t m,
-                   int64_t t, const int N)
+add_weighted_block(float *restrict dst, const float *const *src, int64_t off, const float *v,
+                   int64_t m, int64_t t, const int N)
 {
     __m256 acc[8];
     for (int k = 0; k < N; k++)
         acc[k] = _mm256_setzero_ps();
     for (int64_t i = 0; i < m; i++) {
         const __m256 vi = _mm256_broadcast_ss(v + i);
-        const float *p = src[i] + t;
+        const float *p = src[i] + off + t;
         for (int k = 0; k < N; k++)
             acc[k] = _mm256_fmadd_ps(vi, _mm256_loadu_ps(p + 8 * k), acc[k]);
     }
@@ -51,24 +51,24 @@ add_weighted_block(float *restrict dst, const float *const *src, const float *v,
 }
 #endif
 
-/* dst[0:n] += sum_i v[i] * src[i][0:n]: 64 floats at a time (8 registers of sums, enough
+/* dst[0:n] += sum_i v[i] * src[i][off:off + n]: 64 floats at a time (8 registers of sums, enough
  * independent FMAs to hide their latency), then 32, then 8, then one by one */
-static void add_weighted_rows(float *restrict dst, const float *const *src, const float *v,
-                              int64_t m, int64_t n)
+static void add_weighted_rows(float *restrict dst, const float *const *src, int64_t off,
+                              const float *v, int64_t m, int64_t n)
 {
     int64_t t = 0;
 #if defined(__AVX2__) && defined(__FMA__)
     for (; t + 64 <= n; t += 64)
-        add_weighted_block(dst, src, v, m, t, 8);
+        add_weighted_block(dst, src, off, v, m, t, 8);
     for (; t + 32 <= n; t += 32)
-        add_weighted_block(dst, src, v, m, t, 4);
+        add_weighted_block(dst, src, off, v, m, t, 4);
     for (; t + 8 <= n; t += 8)
-        add_weighted_block(dst, src, v, m, t, 1);
+        add_weighted_block(dst, src, off, v, m, t, 1);
 #endif
     for (; t < n; t++) {
         float a = 0.0f;
         for (int64_t i = 0; i < m; i++)
-            a += v[i] * src[i][t];
+            a += v[i] * src[i][off + t];
         dst[t] += a;
     }
 }
@@ -83,12 +83,10 @@ int unpool_conv_transpose(const float *s, const int64_t *indices, const float *w
     const int64_t image = Ho * Wo * Co, pooled = Hp * Wp * C, row = K * Co, F2 = Fp * Fp;
     const int64_t span = (Fp - 1) * Wc + Fp;  /* index - window corner: 0 .. span - 1 */
     int64_t *window = malloc((size_t)span * sizeof(int64_t));  /* index - corner -> offset code */
-    int64_t *count = malloc((size_t)(F2 + 1) * sizeof(int64_t));
     int64_t *code = malloc((size_t)C * sizeof(int64_t));
-    int64_t *gchan = malloc((size_t)C * sizeof(int64_t));
-    float *gval = malloc((size_t)C * sizeof(float));
-    const float **src = malloc((size_t)C * sizeof(float *));
-    int status = window && count && code && gchan && gval && src ? 0 : -1;
+    const float **src = malloc((size_t)C * sizeof(float *));  /* a group's kernels, from lo */
+    float *val = malloc((size_t)C * sizeof(float));
+    int status = window && code && src && val ? 0 : -1;
     if (status == 0) {
         for (int64_t d = 0; d < span; d++)
             window[d] = d % Wc < Fp ? (d / Wc) * Fp + d % Wc : -1;
@@ -99,59 +97,48 @@ int unpool_conv_transpose(const float *s, const int64_t *indices, const float *w
             memset(o, 0, (size_t)image * sizeof(float));
         else if (base != out)
             memcpy(o, base + b * image, (size_t)image * sizeof(float));
-        for (int64_t py = 0; py < Hp; py++)
+        for (int64_t py = 0; py < Hp && status == 0; py++)
             for (int64_t px = 0; px < Wp; px++) {
                 const int64_t cell = b * pooled + (py * Wp + px) * C;
                 const float *sj = s + cell;
                 const int64_t *ij = indices + cell;
                 const int64_t corner = Fp * py * Wc + Fp * px;
-                /* group the non-zero values by the offset in the window they point at
-                 * (a counting sort: channels stay ascending within a group) */
-                memset(count, 0, (size_t)(F2 + 1) * sizeof(int64_t));
+                /* the offset in the window each value points at (F2 for a zero: skipped) */
                 for (int64_t c = 0; c < C; c++) {
                     const int64_t d = ij[c] - corner;
                     if (d < 0 || d >= span || window[d] < 0) {
                         status = -2;
                         break;
                     }
-                    code[c] = sj[c] != 0.0f ? window[d] : F2;  /* F2: a zero, skipped */
-                    count[code[c]]++;
+                    const int64_t nonzero = sj[c] != 0.0f;  /* arithmetic, not a branch */
+                    code[c] = F2 + nonzero * (window[d] - F2);
                 }
                 if (status)
                     break;
-                for (int64_t g = 0, start = 0; g <= F2; g++) {
-                    const int64_t n = count[g];
-                    count[g] = start;
-                    start += n;
-                }
-                for (int64_t c = 0; c < C; c++) {
-                    const int64_t at = count[code[c]]++;
-                    gchan[at] = c;
-                    gval[at] = sj[c];
-                }
-                /* count[g] is now the end of group g */
-                for (int64_t g = 0, first = 0; g < F2; first = count[g], g++) {
-                    const int64_t m = count[g] - first;
-                    if (m == 0)
-                        continue;
+                for (int64_t g = 0; g < F2; g++) {
                     /* output position of kernel tap (0, 0): the convolution position minus pad,
-                     * and the part of each kernel row that lands inside the image */
+                     * and the part [lo, hi) of each kernel row that lands inside the image */
                     const int64_t y0 = Fp * py + g / Fp - pad, x0 = Fp * px + g % Fp - pad;
                     const int64_t lo = x0 < 0 ? -x0 * Co : 0;
                     const int64_t hi = x0 + K > Wo ? (Wo - x0) * Co : row;
-                    if (hi <= lo)
+                    /* the group: channels pointing at offset g, ascending (appended without
+                     * branches: every channel is written, only the group's advance m) */
+                    int64_t m = 0;
+                    for (int64_t c = 0; c < C; c++) {
+                        src[m] = w + c * K * row + lo;
+                        val[m] = sj[c];
+                        m += code[c] == g;
+                    }
+                    if (m == 0 || hi <= lo)
                         continue;
                     for (int64_t ky = 0; ky < K; ky++) {
                         const int64_t y = y0 + ky;
-                        if (y < 0 || y >= Ho)
-                            continue;
-                        for (int64_t i = 0; i < m; i++)
-                            src[i] = w + (gchan[first + i] * K + ky) * row + lo;
-                        add_weighted_rows(o + (y * Wo + x0) * Co + lo, src, gval + first, m, hi - lo);
+                        if (y >= 0 && y < Ho)
+                            add_weighted_rows(o + (y * Wo + x0) * Co + lo, src, ky * row, val, m, hi - lo);
                     }
                 }
             }
     }
-    free(window); free(count); free(code); free(gchan); free(gval); free(src);
+    free(window); free(code); free(src); free(val);
     return status;
 }
