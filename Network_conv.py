@@ -201,20 +201,18 @@ class Network_conv(EPNetwork):
                                                            padding=self.padding))
             else:
                 pooled, next_indices = drive.pooled, drive.indices
-            if i == 0:
-                b, c, h, w = s[nf].shape
-                feedback = (s[nf - 1] @ drive.fc_top).view(b, h, w, c).permute(0, 3, 1, 2)
-            elif self._use_kernel(pooled):  # pooled + the feedback, without the unpooled zeros
+            if i > 0 and self._use_kernel(pooled):  # pooled + the feedback, without the unpooled zeros
                 a = cpu_kernels.unpool_conv_transpose(
                     s[nf + i - 1], indices.contiguous(memory_format=self.layout), drive.conv_w[i - 1],
                     self.geometry[i - 1].conv[1:], self.padding, self.fpool, base=pooled, out=buf)
-                new.append(rho(a, act))
-                indices = next_indices
-                continue
             else:
-                feedback = F.conv_transpose2d(self._unpool(s[nf + i - 1], indices, i - 1),
-                                              drive.conv_w[i - 1], padding=self.padding)
-            a = pooled + feedback if buf is None else torch.add(pooled, feedback, out=buf)
+                if i == 0:
+                    b, c, h, w = s[nf].shape
+                    feedback = (s[nf - 1] @ drive.fc_top).view(b, h, w, c).permute(0, 3, 1, 2)
+                else:
+                    feedback = F.conv_transpose2d(self._unpool(s[nf + i - 1], indices, i - 1),
+                                                  drive.conv_w[i - 1], padding=self.padding)
+                a = pooled + feedback if buf is None else torch.add(pooled, feedback, out=buf)
             new.append(rho(a, act))
             indices = next_indices
         return new

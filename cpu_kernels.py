@@ -8,8 +8,8 @@ is built once per source version and CPU into ``$XDG_CACHE_HOME/binary-eqprop`` 
 ``-O3 -march=native``; concurrent first runs each build into a temporary name and rename it, so
 they never see a half-written library.
 
-Where no C compiler works, or with ``EP_CPU_KERNELS=0`` in the environment, ``feedback`` is
-``None`` and the network uses PyTorch's dense ``max_unpool2d`` + ``conv_transpose2d`` instead:
+Where no C compiler works, the library cannot be loaded, or with ``EP_CPU_KERNELS=0`` in the
+environment, ``available()`` is False and the network uses PyTorch's dense ``max_unpool2d`` + ``conv_transpose2d`` instead:
 the same numbers (to float32 rounding), more slowly.
 """
 
