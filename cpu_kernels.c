@@ -22,6 +22,16 @@
  *   out      [B][Ho][Wo][Co]     the result (may be base itself)
  * where Hc x Wc is the size of the convolution output and Ho x Wo that of the layer below (the
  * convolution's input), Hc = Ho - K + 1 + 2 pad.
+ *
+ * conv_delta: a convolution whose input is a state, kept up to date from step to step,
+ *
+ *     acc += conv2d(s - prev, weight, pad);  prev = s
+ *
+ * Once the relaxation settles, about three in four of the input values stay exactly equal from
+ * one step to the next (clamped at 0, or converged), so adding the convolution of the change,
+ * from the changed values only, costs a fraction of the dense convolution.  It is the same
+ * scatter of weighted kernels as above (a transposed convolution of the change with the kernel
+ * flipped), summed in a fixed order per sample.  Layouts are described at the function.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -73,6 +83,23 @@ static void add_weighted_rows(float *restrict dst, const float *const *src, int6
     }
 }
 
+/* o[y0 + ky][x0 + kx][0:Co] += sum_i val[i] * src[i][ky][kx][0:Co] for every tap inside the
+ * Ho x Wo image (src[i]: a K x K x Co kernel) */
+static void add_kernels(float *o, const float *const *src, const float *val, int64_t m,
+                        int64_t y0, int64_t x0, int64_t K, int64_t Co, int64_t Ho, int64_t Wo)
+{
+    const int64_t row = K * Co;
+    const int64_t lo = x0 < 0 ? -x0 * Co : 0;  /* the part [lo, hi) of a row inside the image */
+    const int64_t hi = x0 + K > Wo ? (Wo - x0) * Co : row;
+    if (m == 0 || hi <= lo)
+        return;
+    for (int64_t ky = 0; ky < K; ky++) {
+        const int64_t y = y0 + ky;
+        if (y >= 0 && y < Ho)
+            add_weighted_rows(o + (y * Wo + x0) * Co + lo, src, ky * row + lo, val, m, hi - lo);
+    }
+}
+
 /* Returns 0; -1 when scratch memory could not be allocated, -2 when an index lies outside its
  * pooling window (then the output is incomplete). */
 int unpool_conv_transpose(const float *s, const int64_t *indices, const float *w,
@@ -116,29 +143,57 @@ int unpool_conv_transpose(const float *s, const int64_t *indices, const float *w
                 if (status)
                     break;
                 for (int64_t g = 0; g < F2; g++) {
-                    /* output position of kernel tap (0, 0): the convolution position minus pad,
-                     * and the part [lo, hi) of each kernel row that lands inside the image */
-                    const int64_t y0 = Fp * py + g / Fp - pad, x0 = Fp * px + g % Fp - pad;
-                    const int64_t lo = x0 < 0 ? -x0 * Co : 0;
-                    const int64_t hi = x0 + K > Wo ? (Wo - x0) * Co : row;
                     /* the group: channels pointing at offset g, ascending (appended without
                      * branches: every channel is written, only the group's advance m) */
                     int64_t m = 0;
                     for (int64_t c = 0; c < C; c++) {
-                        src[m] = w + c * K * row + lo;
+                        src[m] = w + c * K * row;
                         val[m] = sj[c];
                         m += code[c] == g;
                     }
-                    if (m == 0 || hi <= lo)
-                        continue;
-                    for (int64_t ky = 0; ky < K; ky++) {
-                        const int64_t y = y0 + ky;
-                        if (y >= 0 && y < Ho)
-                            add_weighted_rows(o + (y * Wo + x0) * Co + lo, src, ky * row, val, m, hi - lo);
-                    }
+                    /* kernel tap (0, 0) lands at the convolution position minus pad */
+                    add_kernels(o, src, val, m, Fp * py + g / Fp - pad, Fp * px + g % Fp - pad, K, Co, Ho, Wo);
                 }
             }
     }
     free(window); free(code); free(src); free(val);
+    return status;
+}
+
+/* acc += conv2d(s - prev, weight, padding pad) and prev = s, per sample (0; -1 without scratch
+ * memory, then nothing is changed).  Only the inputs that changed are visited: each one adds
+ * its weighted kernel, flipped, to the outputs it reaches, a transposed convolution with
+ * padding K - 1 - pad.  Layouts:
+ *   s, prev  [B][H][W][Ci]     the convolution's input now and when acc was last brought up to
+ *                              date (prev is overwritten with s)
+ *   wt       [Ci][K][K][Co]    the Conv2d weight (Co, Ci, K, K) flipped in both spatial
+ *                              dimensions: wt[c][j][i][o] = weight[o][c][K-1-j][K-1-i]
+ *   acc      [B][Ho][Wo][Co]   conv2d(prev, weight, pad) (plus anything constant, the bias),
+ *                              Ho = H + 2 pad - K + 1 */
+int conv_delta(const float *s, float *prev, const float *wt, float *acc,
+               int64_t B, int64_t Ci, int64_t H, int64_t W, int64_t Co, int64_t Ho, int64_t Wo,
+               int64_t K, int64_t pad)
+{
+    const int64_t image = H * W * Ci, outimg = Ho * Wo * Co, kern = K * K * Co, tpad = K - 1 - pad;
+    const float **src = malloc((size_t)Ci * sizeof(float *));
+    float *val = malloc((size_t)Ci * sizeof(float));
+    int status = src && val ? 0 : -1;
+    for (int64_t b = 0; status == 0 && b < B; b++)
+        for (int64_t y = 0; y < H; y++)
+            for (int64_t x = 0; x < W; x++) {
+                const int64_t cell = b * image + (y * W + x) * Ci;
+                const float *sj = s + cell;
+                float *pj = prev + cell;
+                int64_t m = 0;  /* the changed channels, ascending, appended without branches */
+                for (int64_t c = 0; c < Ci; c++) {
+                    const float d = sj[c] - pj[c];
+                    pj[c] = sj[c];
+                    src[m] = wt + c * kern;
+                    val[m] = d;
+                    m += d != 0.0f;
+                }
+                add_kernels(acc + b * outimg, src, val, m, y - tpad, x - tpad, K, Co, Ho, Wo);
+            }
+    free(src); free(val);
     return status;
 }

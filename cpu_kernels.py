@@ -1,16 +1,23 @@
 """Compiled CPU kernels (``cpu_kernels.c``), built with the system's C compiler on first use.
 
-The only kernel is the convolutional network's feedback through a max-pool,
-``base + conv_transpose2d(max_unpool2d(s, indices), w, padding)``, computed from the pooled state
-without the unpooled zeros (a quarter of the arithmetic for ``--Fpool 2``).  The shared library
+Two kernels of the convolutional network's relaxation:
+
+* ``unpool_conv_transpose``: the feedback through a max-pool,
+  ``base + conv_transpose2d(max_unpool2d(s, indices), w, padding)``, computed from the pooled
+  state without the unpooled zeros (a quarter of the arithmetic for ``--Fpool 2``);
+* ``conv_delta``: a convolution of a state kept up to date from one step to the next by adding
+  the convolution of what changed, visiting only the inputs that changed.
+
+The shared library
 is built once per source version and CPU into ``$XDG_CACHE_HOME/binary-eqprop`` (default
 ``~/.cache/binary-eqprop``, or the system's temporary folder if that cannot be written), with
 ``-O3 -march=native``; concurrent first runs each build into a temporary name and rename it, so
 they never see a half-written library.
 
 Where no C compiler works, the library cannot be loaded, or with ``EP_CPU_KERNELS=0`` in the
-environment, ``available()`` is False and the network uses PyTorch's dense ``max_unpool2d`` + ``conv_transpose2d`` instead:
-the same numbers (to float32 rounding), more slowly.
+environment, ``available()`` is False and the network uses PyTorch's dense operations
+(``conv2d``, ``max_unpool2d`` + ``conv_transpose2d``) instead: the same numbers (to float32
+rounding), more slowly.
 """
 
 import ctypes
@@ -86,20 +93,22 @@ def _load():
     if os.environ.get("EP_CPU_KERNELS", "1") == "0":
         return None
     lib, reason = _build()
-    fn = None
+    fns = None
     if lib is not None:
         try:
-            fn = ctypes.CDLL(lib).unpool_conv_transpose
+            dll = ctypes.CDLL(lib)
+            fns = (dll.unpool_conv_transpose, dll.conv_delta)
         except (OSError, AttributeError) as e:  # e.g. a cache folder mounted noexec
             reason = f"{lib} could not be loaded: {e}"
-    if fn is None:
-        print(f"note: the compiled CPU kernel is unavailable ({reason}); the convolutional network "
-              "uses PyTorch's dense transposed convolution instead, which gives the same results "
+    if fns is None:
+        print(f"note: the compiled CPU kernels are unavailable ({reason}); the convolutional network "
+              "uses PyTorch's dense convolutions instead, which give the same results "
               "more slowly", file=sys.stderr)
         return None
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 11
-    return fn
+    for fn, pointers, sizes in zip(fns, (5, 4), (11, 9)):
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_int64] * sizes
+    return fns
 
 
 def _kernel():
@@ -110,7 +119,7 @@ def _kernel():
 
 
 def available():
-    """Whether the compiled kernel can be used (building it on the first call)."""
+    """Whether the compiled kernels can be used (building it on the first call)."""
     return _kernel() is not None
 
 
@@ -120,7 +129,7 @@ def unpool_conv_transpose(s, indices, weight, conv_size, padding, fpool, base=No
     (a ``Conv2d`` weight) in the channels-last memory layout; ``base``, if given, and the result
     (B, Co, Ho, Wo) channels-last, written into ``out`` when given (it may be ``base``).  Requires
     ``available()``."""
-    fn = _kernel()
+    fn = _kernel()[0]
     b, c, hp, wp = s.shape
     co, k = weight.shape[1], weight.shape[2]
     hc, wc = conv_size
@@ -147,3 +156,32 @@ def unpool_conv_transpose(s, indices, weight, conv_size, padding, fpool, base=No
     if status == -2:
         raise ValueError(f"unpool_conv_transpose: an index lies outside its {fpool}x{fpool} pooling window")
     return out
+
+
+def flipped_weight(weight):
+    """A ``Conv2d`` weight (Co, Ci, K, K) as ``conv_delta`` takes it: flipped in both spatial
+    dimensions, (Ci, Co, K, K), channels-last (memory [Ci][K][K][Co])."""
+    return weight.flip(2, 3).transpose(0, 1).contiguous(memory_format=torch.channels_last)
+
+
+def conv_delta(s, prev, wt, acc, padding):
+    """Bring ``acc = conv2d(prev, weight, padding=padding) + c`` up to date for the input ``s``:
+    ``acc += conv2d(s - prev, weight, padding)`` and ``prev`` becomes a copy of ``s``, visiting
+    only the inputs that changed.  ``s``, ``prev`` (B, Ci, H, W) and ``acc`` (B, Co, Ho, Wo)
+    float32 channels-last CPU tensors, ``wt = flipped_weight(weight)``.  Requires
+    ``available()``."""
+    fn = _kernel()[1]
+    b, ci, h, w = s.shape
+    co, k = wt.shape[1], wt.shape[2]
+    ho, wo = h + 2 * padding - k + 1, w + 2 * padding - k + 1
+    for name, t, shape in (("s", s, s.shape), ("prev", prev, s.shape), ("wt", wt, (ci, co, k, k)),
+                           ("acc", acc, (b, co, ho, wo))):
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"conv_delta: {name} has shape {tuple(t.shape)}, not {tuple(shape)}")
+        if not t.is_contiguous(memory_format=torch.channels_last):
+            raise ValueError(f"conv_delta: {name} must be channels-last")
+        if t.device.type != "cpu" or t.dtype != torch.float32:
+            raise ValueError("conv_delta: float32 CPU tensors only")
+    if fn(s.data_ptr(), prev.data_ptr(), wt.data_ptr(), acc.data_ptr(), b, ci, h, w, co, ho, wo, k, padding):
+        raise MemoryError("conv_delta: out of memory for its scratch space")
+    return acc

@@ -84,6 +84,63 @@ def test_bad_inputs_are_refused():
         cpu_kernels.unpool_conv_transpose(s, far, w, conv_size, 2, 2)
 
 
+TRACKED = [  # batch, channels in/out, input size, kernel, padding
+    (3, 32, 64, 12, 5, 0),      # the seed's MNIST top convolution
+    (2, 5, 7, 9, 5, 2),         # padding: inputs reach outputs through part of the kernel only
+    (2, 3, 4, 6, 3, 1),
+    (1, 2, 9, 7, 7, 3),         # kernel as large as the image
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("batch,c_in,c_out,size,kernel,padding", TRACKED)
+def test_conv_delta_keeps_a_convolution_up_to_date(batch, c_in, c_out, size, kernel, padding):
+    g = torch.Generator().manual_seed(1)
+    # binary weights, +-alpha per output channel, as the network's
+    alpha = 0.02 + 0.08 * torch.rand(c_out, 1, 1, 1, generator=g)
+    w = torch.randn(c_out, c_in, kernel, kernel, generator=g).sign() * alpha
+    bias = torch.randn(c_out, generator=g) * 0.1
+    s = torch.rand(batch, c_in, size, size, generator=g).contiguous(memory_format=CL)
+    acc = F.conv2d(s, w, bias, padding=padding).contiguous(memory_format=CL)
+    prev = s.clone(memory_format=CL)
+    wt = cpu_kernels.flipped_weight(w)
+    # a relaxation-like sequence: few, many, all and no inputs change, some to exactly 0
+    for step, fraction in enumerate([0.05, 0.3, 1.0, 0.0, 0.6, 0.2, 0.01, 0.5] * 3):
+        new = s.clone()
+        moved = torch.rand(s.shape, generator=g) < fraction
+        new[moved] = torch.rand(int(moved.sum()), generator=g)
+        new[moved & (torch.rand(s.shape, generator=g) < 0.3)] = 0.0
+        s = new.contiguous(memory_format=CL)
+        out = cpu_kernels.conv_delta(s, prev, wt, acc, padding)
+        assert out.data_ptr() == acc.data_ptr() and torch.equal(prev, s)
+        torch.testing.assert_close(acc, F.conv2d(s, w, bias, padding=padding), rtol=1e-5, atol=1e-5)
+    # a sample's update does not depend on the batch it is in
+    if batch > 1:
+        old = s[1:2].clone(memory_format=CL)
+        one_acc, one_prev = acc[1:2].clone(memory_format=CL), old.clone(memory_format=CL)
+        whole_prev = s.clone(memory_format=CL)
+        s2 = torch.rand(s.shape, generator=g).contiguous(memory_format=CL)
+        cpu_kernels.conv_delta(s2, whole_prev, wt, acc, padding)
+        cpu_kernels.conv_delta(s2[1:2].contiguous(memory_format=CL), one_prev, wt, one_acc, padding)
+        assert torch.equal(one_acc[0], acc[1])
+
+
+@needs_kernel
+def test_conv_delta_refuses_bad_inputs():
+    w = torch.randn(6, 4, 3, 3)
+    s = torch.rand(2, 4, 8, 8).contiguous(memory_format=CL)
+    acc = F.conv2d(s, w, padding=1).contiguous(memory_format=CL)
+    wt = cpu_kernels.flipped_weight(w)
+    with pytest.raises(ValueError, match="prev must be channels-last"):
+        cpu_kernels.conv_delta(s, s.contiguous(), wt, acc, 1)
+    with pytest.raises(ValueError, match="acc has shape"):
+        cpu_kernels.conv_delta(s, s.clone(), wt, acc, 0)  # padding 0 gives 6x6 outputs
+    with pytest.raises(ValueError, match="wt has shape"):
+        cpu_kernels.conv_delta(s, s.clone(), w.contiguous(memory_format=CL), acc, 1)
+    with pytest.raises(ValueError, match="float32"):
+        cpu_kernels.conv_delta(s.double(), s.double(), wt.double(), acc.double(), 1)
+
+
 def conv_args(padding):
     return SimpleNamespace(dataset="mnist", convList=[16, 8, 1], kernelSize=5, padding=padding, Fpool=2,
                            layersList=[10], activationFun="hardsigm", gamma=[1e-4] * 3,
@@ -91,15 +148,26 @@ def conv_args(padding):
 
 
 @needs_kernel
-@pytest.mark.parametrize("padding", [0, 2])
-def test_relaxation_with_the_kernel_equals_the_dense_path(padding, monkeypatch):
+@pytest.mark.parametrize("padding,convs", [(0, [16, 8, 1]), (2, [16, 8, 1]), (2, [12, 8, 6, 1])],
+                         ids=["pad0", "pad2", "three-convs"])
+def test_relaxation_with_the_kernel_equals_the_dense_path(padding, convs, monkeypatch):
+    """T = 60 takes the tracked convolutions through two full recomputations and many updates."""
     torch.manual_seed(0)
-    net = Network_conv(conv_args(padding))
-    net.args = SimpleNamespace(T=30, Kmax=5, nudging="one-sided")
+    args = conv_args(padding)
+    n = len(convs)
+    args.convList, args.gamma, args.gradThreshold, args.lrBias, args.lrAlpha = \
+        convs, [1e-4] * n, [1e-6] * n, [0.01] * n, [0.0] * n
+    net = Network_conv(args)
+    net.args = SimpleNamespace(T=60, Kmax=5, nudging="one-sided")
     x = net.prepare(torch.rand(6, 1, 28, 28))
     target = net.target(torch.randint(0, 10, (6,)))
+    updates = []
+    delta = cpu_kernels.conv_delta
+    monkeypatch.setattr(cpu_kernels, "conv_delta", lambda *a: updates.append(1) or delta(*a))
     with torch.no_grad():
         fast = net.phases(x, target, 0.5)
+        # every state-driven convolution, every step but the full recomputations
+        assert len(updates) == (n - 2) * (60 + 5 - 3)  # recomputed at steps 1, 27, 53
         monkeypatch.setitem(cpu_kernels._STATE, "fn", None)  # as without a compiler
         assert not cpu_kernels.available()
         slow = net.phases(x, target, 0.5)
@@ -120,7 +188,7 @@ def test_without_a_compiler_the_network_says_so_once_and_uses_the_dense_path(tmp
     run = run_python(code, {"CC": str(tmp_path / "no-such-cc")}, tmp_path)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["False", "False"]
-    assert run.stderr.count("note: the compiled CPU kernel is unavailable") == 1
+    assert run.stderr.count("note: the compiled CPU kernels are unavailable") == 1
     assert "no-such-cc could not run" in run.stderr and "Traceback" not in run.stderr
     quiet = run_python(code, {"EP_CPU_KERNELS": "0"}, tmp_path)
     assert quiet.stdout.split() == ["False", "False"] and quiet.stderr == ""
@@ -144,4 +212,4 @@ def test_a_library_that_cannot_be_loaded_falls_back_with_the_note(tmp_path, monk
     monkeypatch.setattr(cpu_kernels, "_build", lambda: (str(junk), None))
     assert cpu_kernels._load() is None
     err = capsys.readouterr().err
-    assert "note: the compiled CPU kernel is unavailable" in err and "could not be loaded" in err
+    assert "note: the compiled CPU kernels are unavailable" in err and "could not be loaded" in err
