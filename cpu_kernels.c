@@ -160,30 +160,42 @@ int unpool_conv_transpose(const float *s, const int64_t *indices, const float *w
     return status;
 }
 
-/* acc += conv2d(s - prev, weight, padding pad) and prev = s, per sample (0; -1 without scratch
- * memory, then nothing is changed).  Only the inputs that changed are visited: each one adds
- * its weighted kernel, flipped, to the outputs it reaches, a transposed convolution with
- * padding K - 1 - pad.  Layouts:
+/* acc += conv2d(s - prev, weight, padding pad) and prev = s, per sample, for each sample in
+ * which at most max_changed input values changed; the others are left alone and marked in
+ * skipped (the dense convolution is faster for them).  Returns how many were skipped, or -1
+ * without scratch memory (then nothing is changed).  Only the inputs that changed are
+ * visited: each one adds its weighted kernel, flipped, to the outputs it reaches, a transposed
+ * convolution with padding K - 1 - pad.  Layouts:
  *   s, prev  [B][H][W][Ci]     the convolution's input now and when acc was last brought up to
  *                              date (prev is overwritten with s)
  *   wt       [Ci][K][K][Co]    the Conv2d weight (Co, Ci, K, K) flipped in both spatial
  *                              dimensions: wt[c][j][i][o] = weight[o][c][K-1-j][K-1-i]
  *   acc      [B][Ho][Wo][Co]   conv2d(prev, weight, pad) (plus anything constant, the bias),
- *                              Ho = H + 2 pad - K + 1 */
-int conv_delta(const float *s, float *prev, const float *wt, float *acc,
-               int64_t B, int64_t Ci, int64_t H, int64_t W, int64_t Co, int64_t Ho, int64_t Wo,
-               int64_t K, int64_t pad)
+ *                              Ho = H + 2 pad - K + 1
+ *   skipped  [B]               uint8, 1 for a sample left alone, else 0 */
+int64_t conv_delta(const float *s, float *prev, const float *wt, float *acc, uint8_t *skipped,
+                   int64_t B, int64_t Ci, int64_t H, int64_t W, int64_t Co, int64_t Ho, int64_t Wo,
+                   int64_t K, int64_t pad, int64_t max_changed)
 {
     const int64_t image = H * W * Ci, outimg = Ho * Wo * Co, kern = K * K * Co, tpad = K - 1 - pad;
     const float **src = malloc((size_t)Ci * sizeof(float *));
     float *val = malloc((size_t)Ci * sizeof(float));
-    int status = src && val ? 0 : -1;
-    for (int64_t b = 0; status == 0 && b < B; b++)
+    int64_t status = src && val ? 0 : -1;
+    for (int64_t b = 0; status >= 0 && b < B; b++) {
+        const float *sb = s + b * image;
+        float *pb = prev + b * image;
+        int64_t changed = 0;
+        for (int64_t j = 0; j < image; j++)
+            changed += sb[j] != pb[j];
+        skipped[b] = changed > max_changed;
+        if (skipped[b]) {
+            status++;
+            continue;
+        }
         for (int64_t y = 0; y < H; y++)
             for (int64_t x = 0; x < W; x++) {
-                const int64_t cell = b * image + (y * W + x) * Ci;
-                const float *sj = s + cell;
-                float *pj = prev + cell;
+                const float *sj = sb + (y * W + x) * Ci;
+                float *pj = pb + (y * W + x) * Ci;
                 int64_t m = 0;  /* the changed channels, ascending, appended without branches */
                 for (int64_t c = 0; c < Ci; c++) {
                     const float d = sj[c] - pj[c];
@@ -194,6 +206,7 @@ int conv_delta(const float *s, float *prev, const float *wt, float *acc,
                 }
                 add_kernels(acc + b * outimg, src, val, m, y - tpad, x - tpad, K, Co, Ho, Wo);
             }
+    }
     free(src); free(val);
     return status;
 }

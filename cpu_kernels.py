@@ -105,8 +105,8 @@ def _load():
               "uses PyTorch's dense convolutions instead, which give the same results "
               "more slowly", file=sys.stderr)
         return None
-    for fn, pointers, sizes in zip(fns, (5, 4), (11, 9)):
-        fn.restype = ctypes.c_int
+    for fn, restype, pointers, sizes in zip(fns, (ctypes.c_int, ctypes.c_int64), (5, 5), (11, 10)):
+        fn.restype = restype
         fn.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_int64] * sizes
     return fns
 
@@ -164,12 +164,14 @@ def flipped_weight(weight):
     return weight.flip(2, 3).transpose(0, 1).contiguous(memory_format=torch.channels_last)
 
 
-def conv_delta(s, prev, wt, acc, padding):
+def conv_delta(s, prev, wt, acc, padding, max_changed=1.0):
     """Bring ``acc = conv2d(prev, weight, padding=padding) + c`` up to date for the input ``s``:
     ``acc += conv2d(s - prev, weight, padding)`` and ``prev`` becomes a copy of ``s``, visiting
-    only the inputs that changed.  ``s``, ``prev`` (B, Ci, H, W) and ``acc`` (B, Co, Ho, Wo)
-    float32 channels-last CPU tensors, ``wt = flipped_weight(weight)``.  Requires
-    ``available()``."""
+    only the inputs that changed, in each sample where at most the fraction ``max_changed`` of
+    the input values changed.  The others are left alone (the dense convolution is faster for
+    them) and marked in the returned (B,) bool tensor.  ``s``, ``prev`` (B, Ci, H, W) and ``acc``
+    (B, Co, Ho, Wo) float32 channels-last CPU tensors, ``wt = flipped_weight(weight)``.
+    Requires ``available()``."""
     fn = _kernel()[1]
     b, ci, h, w = s.shape
     co, k = wt.shape[1], wt.shape[2]
@@ -182,6 +184,9 @@ def conv_delta(s, prev, wt, acc, padding):
             raise ValueError(f"conv_delta: {name} must be channels-last")
         if t.device.type != "cpu" or t.dtype != torch.float32:
             raise ValueError("conv_delta: float32 CPU tensors only")
-    if fn(s.data_ptr(), prev.data_ptr(), wt.data_ptr(), acc.data_ptr(), b, ci, h, w, co, ho, wo, k, padding):
+    skipped = torch.empty(b, dtype=torch.uint8)
+    limit = int(max_changed * ci * h * w)
+    if fn(s.data_ptr(), prev.data_ptr(), wt.data_ptr(), acc.data_ptr(), skipped.data_ptr(),
+          b, ci, h, w, co, ho, wo, k, padding, limit) < 0:
         raise MemoryError("conv_delta: out of memory for its scratch space")
-    return acc
+    return skipped.bool()

@@ -111,8 +111,8 @@ def test_conv_delta_keeps_a_convolution_up_to_date(batch, c_in, c_out, size, ker
         new[moved] = torch.rand(int(moved.sum()), generator=g)
         new[moved & (torch.rand(s.shape, generator=g) < 0.3)] = 0.0
         s = new.contiguous(memory_format=CL)
-        out = cpu_kernels.conv_delta(s, prev, wt, acc, padding)
-        assert out.data_ptr() == acc.data_ptr() and torch.equal(prev, s)
+        skipped = cpu_kernels.conv_delta(s, prev, wt, acc, padding)
+        assert not skipped.any() and torch.equal(prev, s)
         torch.testing.assert_close(acc, F.conv2d(s, w, bias, padding=padding), rtol=1e-5, atol=1e-5)
     # a sample's update does not depend on the batch it is in
     if batch > 1:
@@ -123,6 +123,49 @@ def test_conv_delta_keeps_a_convolution_up_to_date(batch, c_in, c_out, size, ker
         cpu_kernels.conv_delta(s2, whole_prev, wt, acc, padding)
         cpu_kernels.conv_delta(s2[1:2].contiguous(memory_format=CL), one_prev, wt, one_acc, padding)
         assert torch.equal(one_acc[0], acc[1])
+
+
+@needs_kernel
+def test_conv_delta_leaves_samples_with_too_many_changes_alone():
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(8, 4, 3, 3, generator=g).sign() * 0.05
+    s = torch.rand(3, 4, 6, 6, generator=g).contiguous(memory_format=CL)
+    acc = F.conv2d(s, w, padding=1).contiguous(memory_format=CL)
+    prev = s.clone(memory_format=CL)
+    new = s.clone()
+    new[0, :, :2] += 1.0        # 48 of 144 values: a third
+    new[1, 0, 0, :2] += 1.0     # 2 values
+    new[2] += 1.0               # all of them
+    new = new.contiguous(memory_format=CL)
+    acc0 = acc.clone()
+    skipped = cpu_kernels.conv_delta(new, prev, wt=cpu_kernels.flipped_weight(w), acc=acc, padding=1,
+                                     max_changed=0.3)
+    assert skipped.tolist() == [True, False, True]
+    for b in (0, 2):  # untouched
+        assert torch.equal(acc[b], acc0[b]) and torch.equal(prev[b], s[b])
+    torch.testing.assert_close(acc[1], F.conv2d(new, w, padding=1)[1], rtol=1e-5, atol=1e-5)
+    assert torch.equal(prev[1], new[1])
+
+
+@needs_kernel
+@pytest.mark.parametrize("changes", [(1.0, 0.01), (1.0, 1.0), (0.0, 0.0), (0.05, 0.2)],
+                         ids=["mixed", "all-dense", "unchanged", "all-updates"])
+def test_a_tracked_convolution_equals_the_convolution_of_its_input(changes):
+    """Network_conv's tracked convolution, whichever way each sample is brought up to date."""
+    torch.manual_seed(0)
+    net = Network_conv(conv_args(0))
+    with torch.no_grad():
+        drive = net.input_drive(net.prepare(torch.rand(2, 1, 28, 28)))
+        below = net.initHidden(2)[-1].uniform_()
+        first = net._tracked_conv(drive, 0, below).clone()
+        torch.testing.assert_close(first, F.conv2d(below, net.conv[0].weight, net.conv[0].bias))
+        for b, fraction in enumerate(changes):
+            below[b][torch.rand(below[b].shape) < fraction] = 0.0
+        got = net._tracked_conv(drive, 0, below)
+        assert drive.tracked[0].updates == 1
+        torch.testing.assert_close(got, F.conv2d(below, net.conv[0].weight, net.conv[0].bias),
+                                   rtol=1e-5, atol=1e-5)
+        assert torch.equal(drive.tracked[0].prev, below)
 
 
 @needs_kernel
