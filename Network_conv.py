@@ -44,30 +44,30 @@ ConvDrive.__doc__ = """What stays constant while one batch relaxes: ``pooled``, 
 convolution's term ``P(conv(x) + b)`` (B, C, H, W), and its max-pool ``indices``; ``conv_w``, the
 convolution weights in the states' memory layout; ``fc_top``, the weight of the classifier layer
 that reads the top convolution, its columns reordered to that state's (h, w, c) memory order;
-``tracked``, one slot per convolution of a state for its ``TrackedConv`` (the drive of one
-stream only: it changes as the states relax)."""
+``tracked``, a dict of the ``Tracked`` terms of the compiled CPU path (the drive of one stream
+only: they change as the states relax)."""
 
-# a tracked convolution is recomputed in full on its first step and after this many updates,
-# and in a sample where more than this fraction of its input changed (faster than the update)
+# a tracked term is recomputed in full on its first step and after this many updates, and in a
+# sample where more than this fraction of its input changed (there that is faster)
 TRACKED_REFRESH = 25
 TRACKED_MAX_CHANGED = 0.4
 
 
-class TrackedConv:
-    """``conv_i(prev) + b_i`` (``acc``) of a convolution whose input ``prev`` is a state, brought
-    up to date at each step by ``cpu_kernels.conv_delta`` from the inputs that changed (in the
-    MNIST line most stay exactly equal from one step to the next once the relaxation settles:
-    clamped at 0, or converged).  Recomputed in full every ``TRACKED_REFRESH`` updates, so that
+class Tracked:
+    """A term of the step computed from a state, ``acc``, brought up to date at each step from
+    the input values that changed since ``prev`` (and ``prev_idx``, pool indices): the
+    convolution of a state (``cpu_kernels.conv_delta``, with ``wt`` its flipped weight) or the
+    feedback through a max-pool (``cpu_kernels.unpool_conv_transpose_delta``).  In the MNIST
+    line most values stay exactly equal from one step to the next once the relaxation settles
+    (clamped at 0, or converged).  Recomputed in full every ``TRACKED_REFRESH`` updates, so that
     rounding cannot build up, and, sample by sample, where more than ``TRACKED_MAX_CHANGED`` of
     the input changed."""
 
-    __slots__ = ("wt", "prev", "acc", "updates")
+    __slots__ = ("wt", "prev", "prev_idx", "acc", "updates")
 
-    def __init__(self, weight):
-        self.wt = cpu_kernels.flipped_weight(weight)
-        self.prev = self.acc = None
+    def __init__(self, acc, prev, prev_idx=None, wt=None):
+        self.acc, self.prev, self.prev_idx, self.wt = acc, prev, prev_idx, wt
         self.updates = 0
-
 
 
 def _ordinal(n):
@@ -191,7 +191,7 @@ class Network_conv(EPNetwork):
         pooled, indices = self._pool(F.conv2d(x, conv_w[-1], bottom.bias, padding=self.padding))
         # (a one-channel input gives them the default layout)
         pooled, indices = (t.contiguous(memory_format=self.layout) for t in (pooled, indices))
-        return ConvDrive(pooled, indices, conv_w, fc_top, [None] * (len(self.conv) - 1))
+        return ConvDrive(pooled, indices, conv_w, fc_top, {})
 
     def stepper(self, s, drive, target=None, beta=0.0, out=None):
         """One synchronous step of every layer from the previous states ``s`` (see the module
@@ -226,10 +226,10 @@ class Network_conv(EPNetwork):
                 pooled, next_indices = self._pool(conv)
             else:
                 pooled, next_indices = drive.pooled, drive.indices
-            if i > 0 and self._use_kernel(pooled):  # pooled + the feedback, without the unpooled zeros
-                a = cpu_kernels.unpool_conv_transpose(
-                    s[nf + i - 1], indices.contiguous(memory_format=self.layout), drive.conv_w[i - 1],
-                    self.geometry[i - 1].conv[1:], self.padding, self.fpool, base=pooled, out=buf)
+            if i > 0 and self._use_kernel(pooled):  # the feedback without the unpooled zeros
+                feedback = self._tracked_feedback(drive, i, s[nf + i - 1],
+                                                  indices.contiguous(memory_format=self.layout))
+                a = pooled + feedback if buf is None else torch.add(pooled, feedback, out=buf)
             else:
                 if i == 0:
                     b, c, h, w = s[nf].shape
@@ -243,16 +243,14 @@ class Network_conv(EPNetwork):
         return new
 
     def _tracked_conv(self, drive, i, below):
-        """``conv_i(below) + b_i`` through the drive's ``TrackedConv`` of layer ``i``."""
-        t = drive.tracked[i]
-        if t is None:
-            t = drive.tracked[i] = TrackedConv(drive.conv_w[i])
+        """``conv_i(below) + b_i``, kept up to date in the drive (``Tracked``)."""
+        t = drive.tracked.get(("conv", i))
         w, b, p = drive.conv_w[i], self.conv[i].bias, self.padding
-        if t.acc is None or t.updates >= TRACKED_REFRESH or t.prev.shape != below.shape:
-            t.acc = F.conv2d(below, w, b, padding=p).contiguous(memory_format=self.layout)
-            t.prev = below.clone(memory_format=self.layout)
-            t.updates = 0
-            return t.acc
+        if t is None or t.updates >= TRACKED_REFRESH or t.prev.shape != below.shape:
+            acc = F.conv2d(below, w, b, padding=p).contiguous(memory_format=self.layout)
+            wt = cpu_kernels.flipped_weight(w) if t is None else t.wt
+            drive.tracked[("conv", i)] = Tracked(acc, below.clone(memory_format=self.layout), wt=wt)
+            return acc
         # (the schedule counts calls, not full recomputations, so that a sample's arithmetic
         # does not depend on the others in its batch)
         t.updates += 1
@@ -267,6 +265,21 @@ class Network_conv(EPNetwork):
             t.prev.index_copy_(0, rows, part)
         return t.acc
 
+    def _tracked_feedback(self, drive, i, above, indices):
+        """``conv_transpose2d(max_unpool2d(above, indices), conv_w[i-1])``, the feedback layer
+        ``i`` receives, kept up to date in the drive (``Tracked``)."""
+        t = drive.tracked.get(("feedback", i))
+        w, size, p, f = drive.conv_w[i - 1], self.geometry[i - 1].conv[1:], self.padding, self.fpool
+        if t is None or t.updates >= TRACKED_REFRESH or t.prev.shape != above.shape:
+            acc = cpu_kernels.unpool_conv_transpose(above, indices, w, size, p, f)
+            drive.tracked[("feedback", i)] = Tracked(acc, above.clone(memory_format=self.layout),
+                                                     indices.clone(memory_format=self.layout))
+            return acc
+        t.updates += 1
+        cpu_kernels.unpool_conv_transpose_delta(above, indices, t.prev, t.prev_idx, w, t.acc, p, f,
+                                                TRACKED_MAX_CHANGED)
+        return t.acc
+
     @staticmethod
     def _use_kernel(t):
         """Whether the compiled feedback kernel applies: float32 on the CPU, autograd off."""
@@ -274,7 +287,7 @@ class Network_conv(EPNetwork):
                 and cpu_kernels.available())
 
     def split_drive(self, drive, n):
-        return [drive._replace(pooled=p, indices=i, tracked=[None] * len(drive.tracked)) for p, i in
+        return [drive._replace(pooled=p, indices=i, tracked={}) for p, i in
                 zip(drive.pooled.tensor_split(n), drive.indices.tensor_split(n))]
 
     # -- learning ------------------------------------------------------------------------------

@@ -100,6 +100,79 @@ static void add_kernels(float *o, const float *const *src, const float *val, int
     }
 }
 
+/* Geometry and scratch space of the feedback through a max-pool (see the top of this file). */
+typedef struct {
+    int64_t C, Hp, Wp, Wc, Fp, Co, Ho, Wo, K, pad, F2, span;
+    int64_t *window;     /* index - window corner (0 .. span - 1) -> offset code in the window */
+    int64_t *code;       /* [C] */
+    const float **src;   /* [F2][C] kernels of the groups */
+    float *val;          /* [F2][C] their weights */
+    int64_t *m;          /* [F2] group sizes */
+} Unpool;
+
+static int unpool_init(Unpool *u, int64_t C, int64_t Hp, int64_t Wp, int64_t Wc, int64_t Fp,
+                       int64_t Co, int64_t Ho, int64_t Wo, int64_t K, int64_t pad)
+{
+    *u = (Unpool){C, Hp, Wp, Wc, Fp, Co, Ho, Wo, K, pad, Fp * Fp, (Fp - 1) * Wc + Fp,
+                  NULL, NULL, NULL, NULL, NULL};
+    u->window = malloc((size_t)u->span * sizeof(int64_t));
+    u->code = malloc((size_t)C * sizeof(int64_t));
+    u->src = malloc((size_t)(u->F2 * C) * sizeof(float *));
+    u->val = malloc((size_t)(u->F2 * C) * sizeof(float));
+    u->m = malloc((size_t)u->F2 * sizeof(int64_t));
+    if (!(u->window && u->code && u->src && u->val && u->m))
+        return -1;
+    for (int64_t d = 0; d < u->span; d++)
+        u->window[d] = d % Wc < Fp ? (d / Wc) * Fp + d % Wc : -1;
+    return 0;
+}
+
+static void unpool_free(Unpool *u)
+{
+    free(u->window); free(u->code); free(u->src); free(u->val); free(u->m);
+}
+
+/* offset code (0 .. F2 - 1) of index ij in the window with this corner, or -1 outside it */
+static inline int64_t unpool_offset(const Unpool *u, int64_t ij, int64_t corner)
+{
+    const int64_t d = ij - corner;
+    return d < 0 || d >= u->span ? -1 : u->window[d];
+}
+
+/* o[Ho][Wo][Co] += conv_transpose2d(max_unpool2d(s, ij)) of one sample (s, ij: [Hp][Wp][C]);
+ * 0, or -2 for an index outside its window */
+static int unpool_sample(const Unpool *u, const float *s, const int64_t *ij, const float *w, float *o)
+{
+    const int64_t C = u->C, F2 = u->F2, Fp = u->Fp, kern = u->K * u->K * u->Co;
+    for (int64_t py = 0; py < u->Hp; py++)
+        for (int64_t px = 0; px < u->Wp; px++) {
+            const int64_t cell = (py * u->Wp + px) * C, corner = Fp * py * u->Wc + Fp * px;
+            const float *sj = s + cell;
+            /* the offset in the window each value points at (F2 for a zero: skipped) */
+            for (int64_t c = 0; c < C; c++) {
+                const int64_t g = unpool_offset(u, ij[cell + c], corner);
+                if (g < 0)
+                    return -2;
+                const int64_t nonzero = sj[c] != 0.0f;  /* arithmetic, not a branch */
+                u->code[c] = F2 + nonzero * (g - F2);
+            }
+            for (int64_t g = 0; g < F2; g++) {
+                /* the group: channels pointing at offset g, ascending (appended without
+                 * branches: every channel is written, only the group's advance m) */
+                int64_t m = 0;
+                for (int64_t c = 0; c < C; c++) {
+                    u->src[m] = w + c * kern;
+                    u->val[m] = sj[c];
+                    m += u->code[c] == g;
+                }
+                /* kernel tap (0, 0) lands at the convolution position minus pad */
+                add_kernels(o, u->src, u->val, m, Fp * py + g / Fp - u->pad, Fp * px + g % Fp - u->pad,
+                            u->K, u->Co, u->Ho, u->Wo);
+            }
+        }
+    return 0;
+}
+
 /* Returns 0; -1 when scratch memory could not be allocated, -2 when an index lies outside its
  * pooling window (then the output is incomplete). */
 int unpool_conv_transpose(const float *s, const int64_t *indices, const float *w,
@@ -107,57 +180,96 @@ int unpool_conv_transpose(const float *s, const int64_t *indices, const float *w
                           int64_t B, int64_t C, int64_t Hp, int64_t Wp, int64_t Wc, int64_t Fp,
                           int64_t Co, int64_t Ho, int64_t Wo, int64_t K, int64_t pad)
 {
-    const int64_t image = Ho * Wo * Co, pooled = Hp * Wp * C, row = K * Co, F2 = Fp * Fp;
-    const int64_t span = (Fp - 1) * Wc + Fp;  /* index - window corner: 0 .. span - 1 */
-    int64_t *window = malloc((size_t)span * sizeof(int64_t));  /* index - corner -> offset code */
-    int64_t *code = malloc((size_t)C * sizeof(int64_t));
-    const float **src = malloc((size_t)C * sizeof(float *));  /* a group's kernels, from lo */
-    float *val = malloc((size_t)C * sizeof(float));
-    int status = window && code && src && val ? 0 : -1;
-    if (status == 0) {
-        for (int64_t d = 0; d < span; d++)
-            window[d] = d % Wc < Fp ? (d / Wc) * Fp + d % Wc : -1;
-    }
+    const int64_t image = Ho * Wo * Co, pooled = Hp * Wp * C;
+    Unpool u;
+    int status = unpool_init(&u, C, Hp, Wp, Wc, Fp, Co, Ho, Wo, K, pad);
     for (int64_t b = 0; status == 0 && b < B; b++) {
         float *o = out + b * image;
         if (base == NULL)
             memset(o, 0, (size_t)image * sizeof(float));
         else if (base != out)
             memcpy(o, base + b * image, (size_t)image * sizeof(float));
-        for (int64_t py = 0; py < Hp && status == 0; py++)
-            for (int64_t px = 0; px < Wp; px++) {
-                const int64_t cell = b * pooled + (py * Wp + px) * C;
-                const float *sj = s + cell;
-                const int64_t *ij = indices + cell;
-                const int64_t corner = Fp * py * Wc + Fp * px;
-                /* the offset in the window each value points at (F2 for a zero: skipped) */
-                for (int64_t c = 0; c < C; c++) {
-                    const int64_t d = ij[c] - corner;
-                    if (d < 0 || d >= span || window[d] < 0) {
-                        status = -2;
-                        break;
-                    }
-                    const int64_t nonzero = sj[c] != 0.0f;  /* arithmetic, not a branch */
-                    code[c] = F2 + nonzero * (window[d] - F2);
-                }
-                if (status)
-                    break;
-                for (int64_t g = 0; g < F2; g++) {
-                    /* the group: channels pointing at offset g, ascending (appended without
-                     * branches: every channel is written, only the group's advance m) */
-                    int64_t m = 0;
-                    for (int64_t c = 0; c < C; c++) {
-                        src[m] = w + c * K * row;
-                        val[m] = sj[c];
-                        m += code[c] == g;
-                    }
-                    /* kernel tap (0, 0) lands at the convolution position minus pad */
-                    add_kernels(o, src, val, m, Fp * py + g / Fp - pad, Fp * px + g % Fp - pad, K, Co, Ho, Wo);
-                }
-            }
+        status = unpool_sample(&u, s + b * pooled, indices + b * pooled, w, o);
     }
-    free(window); free(code); free(src); free(val);
+    unpool_free(&u);
     return status;
+}
+
+/* The same feedback kept up to date from step to step, per sample:
+ *
+ *     acc = conv_transpose2d(max_unpool2d(s, indices), w, pad);  prev_s = s;  prev_idx = indices
+ *
+ * given acc for (prev_s, prev_idx).  A pooled value whose value and index did not change (or
+ * that was and is zero) is skipped; a changed one takes its old value out where its old index
+ * pointed and adds its new value where its new index points (the difference, where both point
+ * at the same place).  A sample in which more than max_changed values changed is recomputed in
+ * full, as unpool_conv_transpose does.  Layouts as at the top of this file, prev_s and prev_idx
+ * like s and indices, acc like out.  Returns how many samples were recomputed in full, -1
+ * without scratch memory, -2 for an index outside its window (then acc is incomplete). */
+int64_t unpool_conv_transpose_delta(const float *s, const int64_t *indices, float *prev_s,
+                                    int64_t *prev_idx, const float *w, float *acc,
+                                    int64_t B, int64_t C, int64_t Hp, int64_t Wp, int64_t Wc,
+                                    int64_t Fp, int64_t Co, int64_t Ho, int64_t Wo, int64_t K,
+                                    int64_t pad, int64_t max_changed)
+{
+    const int64_t image = Ho * Wo * Co, pooled = Hp * Wp * C, kern = K * K * Co;
+    Unpool u;
+    int64_t status = unpool_init(&u, C, Hp, Wp, Wc, Fp, Co, Ho, Wo, K, pad), full = 0;
+    for (int64_t b = 0; status == 0 && b < B; b++) {
+        const float *sb = s + b * pooled;
+        const int64_t *ib = indices + b * pooled;
+        float *pb = prev_s + b * pooled, *o = acc + b * image;
+        int64_t *qb = prev_idx + b * pooled;
+        int64_t changed = 0;
+        for (int64_t j = 0; j < pooled; j++)
+            changed += (sb[j] != pb[j]) | ((sb[j] != 0.0f) & (ib[j] != qb[j]));
+        if (changed > max_changed) {
+            full++;
+            memset(o, 0, (size_t)image * sizeof(float));
+            status = unpool_sample(&u, sb, ib, w, o);
+        } else {
+            for (int64_t py = 0; py < Hp && status == 0 && changed; py++)
+                for (int64_t px = 0; px < Wp; px++) {
+                    const int64_t cell = (py * Wp + px) * C, corner = Fp * py * Wc + Fp * px;
+                    for (int64_t g = 0; g < u.F2; g++)
+                        u.m[g] = 0;
+                    for (int64_t c = cell; c < cell + C; c++) {
+                        const float now = sb[c], was = pb[c];
+                        if (now == was && (now == 0.0f || ib[c] == qb[c]))
+                            continue;
+                        const int64_t gn = unpool_offset(&u, ib[c], corner);
+                        const int64_t go = unpool_offset(&u, qb[c], corner);
+                        if (gn < 0 || go < 0) {
+                            status = -2;
+                            break;
+                        }
+                        const float *kc = w + (c - cell) * kern;
+                        if (gn == go) {  /* one entry: the difference */
+                            u.src[gn * C + u.m[gn]] = kc;
+                            u.val[gn * C + u.m[gn]++] = now - was;
+                            continue;
+                        }
+                        if (was != 0.0f) {
+                            u.src[go * C + u.m[go]] = kc;
+                            u.val[go * C + u.m[go]++] = -was;
+                        }
+                        if (now != 0.0f) {
+                            u.src[gn * C + u.m[gn]] = kc;
+                            u.val[gn * C + u.m[gn]++] = now;
+                        }
+                    }
+                    if (status)
+                        break;
+                    for (int64_t g = 0; g < u.F2; g++)
+                        add_kernels(o, u.src + g * C, u.val + g * C, u.m[g], Fp * py + g / Fp - pad,
+                                    Fp * px + g % Fp - pad, K, Co, Ho, Wo);
+                }
+        }
+        memcpy(pb, sb, (size_t)pooled * sizeof(float));
+        memcpy(qb, ib, (size_t)pooled * sizeof(int64_t));
+    }
+    unpool_free(&u);
+    return status < 0 ? status : full;
 }
 
 /* acc += conv2d(s - prev, weight, padding pad) and prev = s, per sample, for each sample in

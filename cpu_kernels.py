@@ -6,7 +6,8 @@ Two kernels of the convolutional network's relaxation:
   ``base + conv_transpose2d(max_unpool2d(s, indices), w, padding)``, computed from the pooled
   state without the unpooled zeros (a quarter of the arithmetic for ``--Fpool 2``);
 * ``conv_delta``: a convolution of a state kept up to date from one step to the next by adding
-  the convolution of what changed, visiting only the inputs that changed.
+  the convolution of what changed, visiting only the inputs that changed;
+* ``unpool_conv_transpose_delta``: the feedback kept up to date the same way.
 
 The shared library
 is built once per source version and CPU into ``$XDG_CACHE_HOME/binary-eqprop`` (default
@@ -97,7 +98,7 @@ def _load():
     if lib is not None:
         try:
             dll = ctypes.CDLL(lib)
-            fns = (dll.unpool_conv_transpose, dll.conv_delta)
+            fns = (dll.unpool_conv_transpose, dll.conv_delta, dll.unpool_conv_transpose_delta)
         except (OSError, AttributeError) as e:  # e.g. a cache folder mounted noexec
             reason = f"{lib} could not be loaded: {e}"
     if fns is None:
@@ -105,7 +106,8 @@ def _load():
               "uses PyTorch's dense convolutions instead, which give the same results "
               "more slowly", file=sys.stderr)
         return None
-    for fn, restype, pointers, sizes in zip(fns, (ctypes.c_int, ctypes.c_int64), (5, 5), (11, 10)):
+    for fn, restype, pointers, sizes in zip(fns, (ctypes.c_int, ctypes.c_int64, ctypes.c_int64),
+                                            (5, 5, 6), (11, 10, 12)):
         fn.restype = restype
         fn.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_int64] * sizes
     return fns
@@ -151,11 +153,45 @@ def unpool_conv_transpose(s, indices, weight, conv_size, padding, fpool, base=No
     status = fn(s.data_ptr(), indices.data_ptr(), weight.data_ptr(),
                 None if base is None else base.data_ptr(), out.data_ptr(),
                 b, c, hp, wp, wc, fpool, co, ho, wo, k, padding)
-    if status == -1:
-        raise MemoryError("unpool_conv_transpose: out of memory for its scratch space")
-    if status == -2:
-        raise ValueError(f"unpool_conv_transpose: an index lies outside its {fpool}x{fpool} pooling window")
+    _check_status("unpool_conv_transpose", status, fpool)
     return out
+
+
+def _check_status(name, status, fpool):
+    if status == -1:
+        raise MemoryError(f"{name}: out of memory for its scratch space")
+    if status == -2:
+        raise ValueError(f"{name}: an index lies outside its {fpool}x{fpool} pooling window")
+
+
+def unpool_conv_transpose_delta(s, indices, prev_s, prev_idx, weight, acc, padding, fpool, max_changed=1.0):
+    """Bring ``acc = conv_transpose2d(max_unpool2d(prev_s, prev_idx), weight, padding)`` up to
+    date for ``(s, indices)``, which are then copied into ``prev_s``/``prev_idx``, visiting only
+    the pooled values whose value or index changed; a sample in which more than the fraction
+    ``max_changed`` of them changed is recomputed in full.  Tensors as for
+    ``unpool_conv_transpose`` (``prev_s``/``prev_idx`` like ``s``/``indices``, ``acc`` like its
+    result; the unpooled size is ``Hc = Ho - K + 1 + 2 padding``).  Returns how many samples
+    were recomputed in full.  Requires ``available()``."""
+    fn = _kernel()[2]
+    b, c, hp, wp = s.shape
+    co, k = weight.shape[1], weight.shape[2]
+    ho, wo = acc.shape[2], acc.shape[3]
+    wc = wo - k + 1 + 2 * padding
+    for name, t, shape, dtype in (("s", s, s.shape, torch.float32), ("indices", indices, s.shape, torch.int64),
+                                  ("prev_s", prev_s, s.shape, torch.float32),
+                                  ("prev_idx", prev_idx, s.shape, torch.int64),
+                                  ("weight", weight, (c, co, k, k), torch.float32),
+                                  ("acc", acc, (b, co, ho, wo), torch.float32)):
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"unpool_conv_transpose_delta: {name} has shape {tuple(t.shape)}, not {tuple(shape)}")
+        if not t.is_contiguous(memory_format=torch.channels_last):
+            raise ValueError(f"unpool_conv_transpose_delta: {name} must be channels-last")
+        if t.device.type != "cpu" or t.dtype != dtype:
+            raise ValueError(f"unpool_conv_transpose_delta: {name} must be a {dtype} CPU tensor")
+    status = fn(s.data_ptr(), indices.data_ptr(), prev_s.data_ptr(), prev_idx.data_ptr(), weight.data_ptr(),
+                acc.data_ptr(), b, c, hp, wp, wc, fpool, co, ho, wo, k, padding, int(max_changed * c * hp * wp))
+    _check_status("unpool_conv_transpose_delta", status, fpool)
+    return status
 
 
 def flipped_weight(weight):

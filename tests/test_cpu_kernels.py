@@ -62,6 +62,39 @@ def test_kernel_equals_dense_unpool_and_transposed_convolution(batch, c_in, c_ou
 
 
 @needs_kernel
+@pytest.mark.parametrize("batch,c_in,c_out,size,kernel,padding,fpool", GEOMETRIES)
+def test_the_feedback_kept_up_to_date_equals_the_dense_feedback(batch, c_in, c_out, size, kernel, padding, fpool):
+    s, indices, w, conv_size = pooled_case(batch, c_in, c_out, size, kernel, padding, fpool, zeros=0.4)
+    g = torch.Generator().manual_seed(3)
+    w = w.sign() * 0.05  # binary weights, as the network's
+    acc = cpu_kernels.unpool_conv_transpose(s, indices, w, conv_size, padding, fpool)
+    prev_s, prev_idx = s.clone(memory_format=CL), indices.clone(memory_format=CL)
+    hp, wp = s.shape[2:]
+    corner = (torch.arange(hp).view(hp, 1) * fpool * conv_size[1] + torch.arange(wp) * fpool)
+    for fraction in [0.05, 0.3, 0.0, 1.0, 0.1, 0.6, 0.02] * 3:
+        moved = torch.rand(s.shape, generator=g) < fraction
+        s = s.clone()
+        s[moved] = torch.rand(int(moved.sum()), generator=g)
+        s[moved & (torch.rand(s.shape, generator=g) < 0.4)] = 0.0  # some to zero, some from zero
+        # some indices move elsewhere in their window
+        jump = moved & (torch.rand(s.shape, generator=g) < 0.5)
+        offset = (torch.randint(0, fpool, s.shape, generator=g) * conv_size[1]
+                  + torch.randint(0, fpool, s.shape, generator=g))
+        new_idx = torch.where(jump, corner + offset, indices)
+        s, indices = s.contiguous(memory_format=CL), new_idx.contiguous(memory_format=CL)
+        changed = ((s != prev_s) | ((s != 0) & (indices != prev_idx))).flatten(1).sum(1)
+        full = cpu_kernels.unpool_conv_transpose_delta(s, indices, prev_s, prev_idx, w, acc, padding, fpool, 0.5)
+        assert full == int((changed > int(0.5 * s[0].numel())).sum())  # the samples recomputed in full
+        assert torch.equal(prev_s, s) and torch.equal(prev_idx, indices)
+        torch.testing.assert_close(acc, dense(s, indices, w, conv_size, padding, fpool), rtol=1e-5, atol=1e-5)
+    far = indices.clone()
+    far[0, 0, 0, 0] = conv_size[1] * 3 + fpool  # outside the first window
+    with pytest.raises(ValueError, match=f"outside its {fpool}x{fpool} pooling window"):
+        cpu_kernels.unpool_conv_transpose_delta(s.clone(memory_format=CL).add_(1), far, prev_s, prev_idx, w, acc,
+                                                padding, fpool)
+
+
+@needs_kernel
 def test_a_samples_feedback_does_not_depend_on_its_batch():
     s, indices, w, conv_size = pooled_case(8, 32, 64, 12, 5, 0, 2, zeros=0.4)
     whole = cpu_kernels.unpool_conv_transpose(s, indices, w, conv_size, 0, 2)
@@ -162,10 +195,10 @@ def test_a_tracked_convolution_equals_the_convolution_of_its_input(changes):
         for b, fraction in enumerate(changes):
             below[b][torch.rand(below[b].shape) < fraction] = 0.0
         got = net._tracked_conv(drive, 0, below)
-        assert drive.tracked[0].updates == 1
+        assert drive.tracked[("conv", 0)].updates == 1
         torch.testing.assert_close(got, F.conv2d(below, net.conv[0].weight, net.conv[0].bias),
                                    rtol=1e-5, atol=1e-5)
-        assert torch.equal(drive.tracked[0].prev, below)
+        assert torch.equal(drive.tracked[("conv", 0)].prev, below)
 
 
 @needs_kernel
@@ -205,12 +238,15 @@ def test_relaxation_with_the_kernel_equals_the_dense_path(padding, convs, monkey
     x = net.prepare(torch.rand(6, 1, 28, 28))
     target = net.target(torch.randint(0, 10, (6,)))
     updates = []
-    delta = cpu_kernels.conv_delta
-    monkeypatch.setattr(cpu_kernels, "conv_delta", lambda *a: updates.append(1) or delta(*a))
+    for name in ("conv_delta", "unpool_conv_transpose_delta"):
+        delta = getattr(cpu_kernels, name)
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, name=name, delta=delta: updates.append(name) or delta(*a))
     with torch.no_grad():
         fast = net.phases(x, target, 0.5)
-        # every state-driven convolution, every step but the full recomputations
-        assert len(updates) == (n - 2) * (60 + 5 - 3)  # recomputed at steps 1, 27, 53
+        # every state-driven convolution and every feedback, every step but the full
+        # recomputations (steps 1, 27, 53)
+        for name in ("conv_delta", "unpool_conv_transpose_delta"):
+            assert updates.count(name) == (n - 2) * (60 + 5 - 3)
         monkeypatch.setitem(cpu_kernels._STATE, "fn", None)  # as without a compiler
         assert not cpu_kernels.available()
         slow = net.phases(x, target, 0.5)
