@@ -22,8 +22,11 @@ Speed (the same arithmetic, arranged for the CPU): the bottom convolution of the
 ``P(conv(x) + b)`` and its indices, does not change during relaxation, so ``input_drive`` computes
 it once per batch (with the weights in the states' layout); convolution states are kept
 channels-last, where convolutions, pooling and unpooling are fastest; the new states are written
-into the previous step's buffers; and on a multi-core CPU ``forward`` relaxes one share of the
-batch per core, each single-threaded (samples never interact during relaxation).
+into the previous step's buffers; on a multi-core CPU ``forward`` relaxes one share of the
+batch per core, each single-threaded (samples never interact during relaxation); and on the CPU
+the convolutions of states and the feedback through max-pools come from compiled kernels
+(``cpu_kernels``) that skip the unpooled zeros and keep each term up to date from the values
+that changed since the previous step (``Tracked``).
 """
 
 from collections import namedtuple
