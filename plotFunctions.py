@@ -55,8 +55,23 @@ def _finish(ax, ylabel, name, path, log=False):
     ax.legend(fontsize=8)
     ax.set_title(name)
     ax.figure.tight_layout()
-    ax.figure.savefig(path, dpi=110)
-    plt.close(ax.figure)
+    try:
+        _save_png(ax.figure, path)
+    finally:
+        plt.close(ax.figure)
+
+
+def _save_png(fig, path):
+    """Save ``fig`` as PNG through a hidden temporary file and a rename, so that a crash or an
+    error never leaves half a figure where the last whole one was."""
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, dpi=110, format="png")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def plot_one(folder, df):

@@ -126,6 +126,27 @@ def test_plotFunctions_draws_every_run_and_the_summary(tmp_path):
     assert imported <= {"glob", "os", "re", "sys", "matplotlib", "pandas"}
 
 
+def test_a_figure_that_fails_halfway_leaves_the_previous_one_whole(tmp_path, monkeypatch):
+    import matplotlib.figure
+    import plotFunctions
+    run = tmp_path / "S-1"
+    synthetic_results(run, seed=1)
+    df = plotFunctions.read_run(run)
+    plotFunctions.plot_one(run, df)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    assert before["errors.png"][:8] == PNG
+
+    def broken_savefig(self, fname, **kwargs):  # half a file, then the disk fills up
+        with open(fname, "wb") as f:
+            f.write(PNG[:4])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", broken_savefig)
+    with pytest.raises(OSError, match="No space left"):
+        plotFunctions.plot_one(run, df)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # no temporary left either
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the fallback is for machines without CUDA")
 def test_device_0_without_cuda_warns_and_runs_on_cpu(tmp_path):
     r = cli(["--device", "0", "--epochs", "1", "--outDir", str(tmp_path)] + QUICK)
