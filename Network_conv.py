@@ -36,11 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cpu_kernels
-from shared_fc_conv import INPUT_SHAPE, EPNetwork, UserError, nudge, one_hot, rho
-
-LayerGeometry = namedtuple("LayerGeometry", "name input conv pool")
-LayerGeometry.__doc__ = """Sizes of one convolution layer: ``input``, ``conv`` (after the
-convolution) and ``pool`` (after the max-pool) as (channels, height, width)."""
+from choices import INPUT_SHAPE, conv_geometry
+from shared_fc_conv import EPNetwork, nudge, one_hot, rho
 
 ConvDrive = namedtuple("ConvDrive", "pooled indices conv_w fc_top tracked")
 ConvDrive.__doc__ = """What stays constant while one batch relaxes: ``pooled``, the bottom
@@ -71,55 +68,6 @@ class Tracked:
     def __init__(self, acc, prev, prev_idx=None, wt=None):
         self.acc, self.prev, self.prev_idx, self.wt = acc, prev, prev_idx, wt
         self.updates = 0
-
-
-def _ordinal(n):
-    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
-
-
-def _sizes(input_shape, channels, kernel, padding, fpool):
-    """Per-layer geometry, input side first, for the given padding (sizes may be <= 0)."""
-    c, h, w = input_shape
-    layers = []
-    for c_out in reversed(channels[:-1]):
-        hc, wc = h - kernel + 1 + 2 * padding, w - kernel + 1 + 2 * padding
-        hp, wp = (hc - fpool) // fpool + 1, (wc - fpool) // fpool + 1
-        layers.append(((c, h, w), (c_out, hc, wc), (c_out, hp, wp)))
-        c, h, w = c_out, hp, wp
-    return layers
-
-
-def _first_bad(layers):
-    for k, (_, conv, pool) in enumerate(layers):
-        if min(conv[1:]) <= 0 or min(pool[1:]) <= 0:
-            return k
-    return None
-
-
-def conv_geometry(args, input_shape):
-    """The sizes of every convolution layer, top first (``conv0`` first), as ``LayerGeometry``.
-
-    conv out = in - kernelSize + 1 + 2 padding; pool out = floor((conv out - Fpool) / Fpool) + 1.
-    A layer whose size reaches 0 raises ``UserError``: one sentence naming the layer and the
-    smallest ``--padding`` that keeps every layer at least 1x1.
-    """
-    channels, k, p, fp = list(args.convList), args.kernelSize, args.padding, args.Fpool
-    layers = _sizes(input_shape, channels, k, p, fp)
-    bad = _first_bad(layers)
-    if bad is not None:
-        n = len(layers)
-        name = f"conv{n - 1 - bad}"
-        _, conv, pool = layers[bad]
-        size = "x".join(str(max(v, 0)) for v in (conv[1:] if min(conv[1:]) <= 0 else pool[1:]))
-        stage = "its convolution" if min(conv[1:]) <= 0 else f"its {fp}x{fp} max-pool"
-        fix = next((q for q in range(p + 1, p + 4 * (k + fp) + max(input_shape[1:]))
-                    if _first_bad(_sizes(input_shape, channels, k, q, fp)) is None), None)
-        advice = (f"--padding {fix} keeps every layer at least 1x1" if fix is not None else
-                  "use fewer convolution layers or a smaller --kernelSize/--Fpool")
-        raise UserError(f"with --padding {p}, --kernelSize {k} and --Fpool {fp}, layer {name} (the "
-                        f"{_ordinal(bad + 1)} convolution from the input, {layers[bad][0][0]}->{conv[0]} "
-                        f"channels) shrinks to {size} after {stage}; {advice}")
-    return [LayerGeometry(f"conv{n}", *layers[len(layers) - 1 - n]) for n in range(len(layers))]
 
 
 class Network_conv(EPNetwork):

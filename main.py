@@ -39,7 +39,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser():
-    from shared_fc_conv import ACTIVATIONS, DATASETS
+    from choices import ACTIVATIONS, DATASETS
     p = Parser(
         prog="main.py", description="Binary-weight Equilibrium Propagation (fc or conv networks). "
         "Per-layer lists (--gamma, --gradThreshold, --lrBias, --lrAlpha, ...) are ordered from the "
@@ -180,7 +180,7 @@ def normalise(parser, args, given):
 
 def validate(parser, args):
     """Every value check; runs before anything is created on disk."""
-    from shared_fc_conv import INPUT_SHAPE, N_CLASSES
+    from choices import INPUT_SHAPE, N_CLASSES, UserError, conv_geometry
     positive = {"T": args.T, "Kmax": args.Kmax, "batchSize": args.batchSize,
                 "test_batchSize": args.test_batchSize, "epochs": args.epochs,
                 "kernelSize": args.kernelSize, "Fpool": args.Fpool,
@@ -220,8 +220,6 @@ def validate(parser, args):
                          f"got {args.convList[-1]}")
         if len(args.convList) < 2:
             parser.error("--convList needs at least 2 values (output channels ... input channels)")
-        from Network_conv import conv_geometry
-        from shared_fc_conv import UserError
         try:
             conv_geometry(args, shape)
         except UserError as e:

@@ -36,19 +36,11 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-ACTIVATIONS = ("hardsigm", "sigm", "tanh")
-DATASETS = ("mnist", "fashion_mnist", "digits", "cifar10")
-# (channels, height, width) of each data set's images; all have 10 classes.
-INPUT_SHAPE = {"mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28), "digits": (1, 8, 8),
-               "cifar10": (3, 32, 32)}
-N_CLASSES = 10
+from choices import ACTIVATIONS, DATASETS, INPUT_SHAPE, N_CLASSES, UserError  # noqa: F401 (shared names)
+
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.247, 0.243, 0.261)
-
-
-class UserError(Exception):
-    """A mistake the user can fix: one sentence, printed without a traceback, exit code 2."""
 
 
 class Diverged(Exception):

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 import main
 import shared_fc_conv as sh
 import Network_conv as nc
-from Network_conv import Network_conv, conv_geometry
+from choices import conv_geometry
+from Network_conv import Network_conv
 
 
 @pytest.fixture(autouse=True)

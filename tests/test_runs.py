@@ -177,3 +177,22 @@ def test_fashion_mnist_found_in_debian_folder(tmp_path):
     assert x.shape == (50, 1, 28, 28) and 0 <= float(x.min()) and float(x.max()) <= 1
     assert sorted(os.listdir(tmp_path / "FashionMNIST" / "raw")) == sorted(sh.MNIST_FILES)
     assert y.tolist()[:5] == [9, 2, 1, 1, 6]  # the first labels of Fashion-MNIST's test set
+
+
+def test_help_and_bad_arguments_answer_without_loading_torch():
+    """--help and argument errors (conv geometry included) need no torch, so they answer at once."""
+    code = ("import sys, main\n"
+            "for argv in (['--help'], ['--bogus'], ['--gamma', '2'], ['--archi', 'conv', '--dataset', 'cifar10',\n"
+            "             '--convList', '256', '256', '128', '64', '3', '--gamma'] + ['1e-7'] * 5\n"
+            "             + ['--gradThreshold'] + ['1e-8'] * 5 + ['--lrBias'] + ['0.1'] * 5):\n"
+            "    try:\n"
+            "        main.parse(argv)\n"
+            "    except SystemExit as e:\n"
+            "        assert e.code in (0, 2), e.code\n"
+            "    else:\n"
+            "        raise AssertionError(argv)\n"
+            "print('torch' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[-1] == "False"
+    assert "shrinks to 0x0" in r.stderr and "--gamma" in r.stderr

@@ -1,0 +1,71 @@
+"""What the command line is checked against, importable without torch (so that ``--help`` and
+most bad invocations answer at once): the data sets, activations and image sizes, and the
+convolution geometry of DESIGN.md section 5 (``conv_geometry``), with ``UserError``, the one-line
+error a user can fix."""
+
+from collections import namedtuple
+
+ACTIVATIONS = ("hardsigm", "sigm", "tanh")
+DATASETS = ("mnist", "fashion_mnist", "digits", "cifar10")
+# (channels, height, width) of each data set's images; all have 10 classes.
+INPUT_SHAPE = {"mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28), "digits": (1, 8, 8),
+               "cifar10": (3, 32, 32)}
+N_CLASSES = 10
+
+
+class UserError(Exception):
+    """A mistake the user can fix: one sentence, printed without a traceback, exit code 2."""
+
+
+LayerGeometry = namedtuple("LayerGeometry", "name input conv pool")
+LayerGeometry.__doc__ = """Sizes of one convolution layer: ``input``, ``conv`` (after the
+convolution) and ``pool`` (after the max-pool) as (channels, height, width)."""
+
+
+def _ordinal(n):
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
+def _sizes(input_shape, channels, kernel, padding, fpool):
+    """Per-layer geometry, input side first, for the given padding (sizes may be <= 0)."""
+    c, h, w = input_shape
+    layers = []
+    for c_out in reversed(channels[:-1]):
+        hc, wc = h - kernel + 1 + 2 * padding, w - kernel + 1 + 2 * padding
+        hp, wp = (hc - fpool) // fpool + 1, (wc - fpool) // fpool + 1
+        layers.append(((c, h, w), (c_out, hc, wc), (c_out, hp, wp)))
+        c, h, w = c_out, hp, wp
+    return layers
+
+
+def _first_bad(layers):
+    for k, (_, conv, pool) in enumerate(layers):
+        if min(conv[1:]) <= 0 or min(pool[1:]) <= 0:
+            return k
+    return None
+
+
+def conv_geometry(args, input_shape):
+    """The sizes of every convolution layer, top first (``conv0`` first), as ``LayerGeometry``.
+
+    conv out = in - kernelSize + 1 + 2 padding; pool out = floor((conv out - Fpool) / Fpool) + 1.
+    A layer whose size reaches 0 raises ``UserError``: one sentence naming the layer and the
+    smallest ``--padding`` that keeps every layer at least 1x1.
+    """
+    channels, k, p, fp = list(args.convList), args.kernelSize, args.padding, args.Fpool
+    layers = _sizes(input_shape, channels, k, p, fp)
+    bad = _first_bad(layers)
+    if bad is not None:
+        n = len(layers)
+        name = f"conv{n - 1 - bad}"
+        _, conv, pool = layers[bad]
+        size = "x".join(str(max(v, 0)) for v in (conv[1:] if min(conv[1:]) <= 0 else pool[1:]))
+        stage = "its convolution" if min(conv[1:]) <= 0 else f"its {fp}x{fp} max-pool"
+        fix = next((q for q in range(p + 1, p + 4 * (k + fp) + max(input_shape[1:]))
+                    if _first_bad(_sizes(input_shape, channels, k, q, fp)) is None), None)
+        advice = (f"--padding {fix} keeps every layer at least 1x1" if fix is not None else
+                  "use fewer convolution layers or a smaller --kernelSize/--Fpool")
+        raise UserError(f"with --padding {p}, --kernelSize {k} and --Fpool {fp}, layer {name} (the "
+                        f"{_ordinal(bad + 1)} convolution from the input, {layers[bad][0][0]}->{conv[0]} "
+                        f"channels) shrinks to {size} after {stage}; {advice}")
+    return [LayerGeometry(f"conv{n}", *layers[len(layers) - 1 - n]) for n in range(len(layers))]
