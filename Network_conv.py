@@ -233,7 +233,7 @@ class Network_conv(EPNetwork):
 
     @staticmethod
     def _use_kernel(t):
-        """Whether the compiled feedback kernel applies: float32 on the CPU, autograd off."""
+        """Whether the compiled kernels apply: float32 on the CPU, autograd off."""
         return (t.device.type == "cpu" and t.dtype == torch.float32 and not torch.is_grad_enabled()
                 and cpu_kernels.available())
 

@@ -27,11 +27,12 @@
  *
  *     acc += conv2d(s - prev, weight, pad);  prev = s
  *
- * Once the relaxation settles, about three in four of the input values stay exactly equal from
- * one step to the next (clamped at 0, or converged), so adding the convolution of the change,
- * from the changed values only, costs a fraction of the dense convolution.  It is the same
- * scatter of weighted kernels as above (a transposed convolution of the change with the kernel
- * flipped), summed in a fixed order per sample.  Layouts are described at the function.
+ * Once the relaxation settles, most of the input values stay exactly equal from one step to
+ * the next (clamped at 0, or converged), so adding the convolution of the change, from the
+ * changed values only, costs a fraction of the dense convolution.  It is the same scatter of
+ * weighted kernels as above (a transposed convolution of the change with the kernel flipped),
+ * summed in a fixed order per sample.  unpool_conv_transpose_delta keeps the feedback up to
+ * date the same way.  Layouts are described at the functions.
  */
 #include <stdint.h>
 #include <stdlib.h>

@@ -136,25 +136,30 @@ def unpool_conv_transpose(s, indices, weight, conv_size, padding, fpool, base=No
     co, k = weight.shape[1], weight.shape[2]
     hc, wc = conv_size
     ho, wo = hc + k - 1 - 2 * padding, wc + k - 1 - 2 * padding
-    cl = torch.channels_last
-    for name, t in (("s", s), ("indices", indices), ("weight", weight), ("base", base), ("out", out)):
-        if t is not None and not t.is_contiguous(memory_format=cl):
-            raise ValueError(f"unpool_conv_transpose: {name} must be channels-last")
-    if any(t is not None and t.device.type != "cpu" for t in (s, indices, weight, base, out)):
-        raise ValueError("unpool_conv_transpose: CPU tensors only")
-    if s.dtype != torch.float32 or weight.dtype != torch.float32 or indices.dtype != torch.int64:
-        raise ValueError("unpool_conv_transpose: float32 states and weights, int64 indices")
+    f32, result = torch.float32, (b, co, ho, wo)
+    _check_tensors("unpool_conv_transpose", ("s", s, s.shape, f32), ("indices", indices, s.shape, torch.int64),
+                   ("weight", weight, (c, co, k, k), f32), ("base", base, result, f32), ("out", out, result, f32))
     if out is None:
-        out = torch.empty((b, co, ho, wo), dtype=s.dtype, memory_format=cl)
-    elif out.shape != (b, co, ho, wo):
-        raise ValueError(f"unpool_conv_transpose: out has shape {tuple(out.shape)}, not {(b, co, ho, wo)}")
-    if base is not None and base.shape != out.shape:
-        raise ValueError(f"unpool_conv_transpose: base has shape {tuple(base.shape)}, not {tuple(out.shape)}")
+        out = torch.empty(result, dtype=f32, memory_format=torch.channels_last)
     status = fn(s.data_ptr(), indices.data_ptr(), weight.data_ptr(),
                 None if base is None else base.data_ptr(), out.data_ptr(),
                 b, c, hp, wp, wc, fpool, co, ho, wo, k, padding)
     _check_status("unpool_conv_transpose", status, fpool)
     return out
+
+
+def _check_tensors(fname, *specs):
+    """Each ``(name, tensor, shape, dtype)`` (a None tensor is skipped): that shape, dense
+    channels-last, that dtype on the CPU, or one ValueError naming the function and tensor."""
+    for name, t, shape, dtype in specs:
+        if t is None:
+            continue
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{fname}: {name} has shape {tuple(t.shape)}, not {tuple(shape)}")
+        if not t.is_contiguous(memory_format=torch.channels_last):
+            raise ValueError(f"{fname}: {name} must be channels-last")
+        if t.device.type != "cpu" or t.dtype != dtype:
+            raise ValueError(f"{fname}: {name} must be a {dtype} CPU tensor")
 
 
 def _check_status(name, status, fpool):
@@ -177,17 +182,10 @@ def unpool_conv_transpose_delta(s, indices, prev_s, prev_idx, weight, acc, paddi
     co, k = weight.shape[1], weight.shape[2]
     ho, wo = acc.shape[2], acc.shape[3]
     wc = wo - k + 1 + 2 * padding
-    for name, t, shape, dtype in (("s", s, s.shape, torch.float32), ("indices", indices, s.shape, torch.int64),
-                                  ("prev_s", prev_s, s.shape, torch.float32),
-                                  ("prev_idx", prev_idx, s.shape, torch.int64),
-                                  ("weight", weight, (c, co, k, k), torch.float32),
-                                  ("acc", acc, (b, co, ho, wo), torch.float32)):
-        if tuple(t.shape) != tuple(shape):
-            raise ValueError(f"unpool_conv_transpose_delta: {name} has shape {tuple(t.shape)}, not {tuple(shape)}")
-        if not t.is_contiguous(memory_format=torch.channels_last):
-            raise ValueError(f"unpool_conv_transpose_delta: {name} must be channels-last")
-        if t.device.type != "cpu" or t.dtype != dtype:
-            raise ValueError(f"unpool_conv_transpose_delta: {name} must be a {dtype} CPU tensor")
+    f32, i64 = torch.float32, torch.int64
+    _check_tensors("unpool_conv_transpose_delta", ("s", s, s.shape, f32), ("indices", indices, s.shape, i64),
+                   ("prev_s", prev_s, s.shape, f32), ("prev_idx", prev_idx, s.shape, i64),
+                   ("weight", weight, (c, co, k, k), f32), ("acc", acc, (b, co, ho, wo), f32))
     status = fn(s.data_ptr(), indices.data_ptr(), prev_s.data_ptr(), prev_idx.data_ptr(), weight.data_ptr(),
                 acc.data_ptr(), b, c, hp, wp, wc, fpool, co, ho, wo, k, padding, int(max_changed * c * hp * wp))
     _check_status("unpool_conv_transpose_delta", status, fpool)
@@ -212,14 +210,9 @@ def conv_delta(s, prev, wt, acc, padding, max_changed=1.0):
     b, ci, h, w = s.shape
     co, k = wt.shape[1], wt.shape[2]
     ho, wo = h + 2 * padding - k + 1, w + 2 * padding - k + 1
-    for name, t, shape in (("s", s, s.shape), ("prev", prev, s.shape), ("wt", wt, (ci, co, k, k)),
-                           ("acc", acc, (b, co, ho, wo))):
-        if tuple(t.shape) != tuple(shape):
-            raise ValueError(f"conv_delta: {name} has shape {tuple(t.shape)}, not {tuple(shape)}")
-        if not t.is_contiguous(memory_format=torch.channels_last):
-            raise ValueError(f"conv_delta: {name} must be channels-last")
-        if t.device.type != "cpu" or t.dtype != torch.float32:
-            raise ValueError("conv_delta: float32 CPU tensors only")
+    f32 = torch.float32
+    _check_tensors("conv_delta", ("s", s, s.shape, f32), ("prev", prev, s.shape, f32),
+                   ("wt", wt, (ci, co, k, k), f32), ("acc", acc, (b, co, ho, wo), f32))
     skipped = torch.empty(b, dtype=torch.uint8)
     limit = int(max_changed * ci * h * w)
     if fn(s.data_ptr(), prev.data_ptr(), wt.data_ptr(), acc.data_ptr(), skipped.data_ptr(),
