@@ -35,9 +35,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import cpu_kernels
-from choices import INPUT_SHAPE, conv_geometry
-from shared_fc_conv import EPNetwork, nudge, one_hot, rho
+from binary_ep import cpu_kernels
+from binary_ep.activations import nudge, one_hot, rho
+from binary_ep.network import EPNetwork
+from binary_ep.vocabulary import INPUT_SHAPE, conv_geometry
 
 ConvDrive = namedtuple("ConvDrive", "pooled indices conv_w fc_top tracked")
 ConvDrive.__doc__ = """What stays constant while one batch relaxes: ``pooled``, the bottom
@@ -88,17 +89,13 @@ class Network_conv(EPNetwork):
         layers = list(self.fc) + list(self.conv)
         names = [f"fc{k}" for k in range(len(self.fc))] + [g.name for g in self.geometry]
         self._setup_optimizers(args, [l.weight for l in layers], [l.bias for l in layers], names,
-                               [False] * len(self.fc) + [True] * len(self.conv))
+                               [False] * len(self.fc) + [True] * len(self.conv), alpha_scale=0.5)
 
     # -- shapes --------------------------------------------------------------------------------
     # Convolution states live in the channels-last memory layout (shape (B, C, H, W) as usual,
     # channels contiguous in memory), where the convolutions and max-pools of this network run
     # fastest on the CPU; the classifier reads the top state in that (h, w, c) order.
     layout = torch.channels_last
-
-    def prepare(self, x):
-        """Images stay (B, C, H, W), in the network's dtype and the states' memory layout."""
-        return x.to(self.fc[0].weight.dtype).contiguous(memory_format=self.layout)
 
     def target(self, labels):
         """One-hot targets in {0, 1}, shape (B, 10)."""
@@ -144,10 +141,12 @@ class Network_conv(EPNetwork):
         pooled, indices = (t.contiguous(memory_format=self.layout) for t in (pooled, indices))
         return ConvDrive(pooled, indices, conv_w, fc_top, {})
 
-    def stepper(self, s, drive, target=None, beta=0.0, out=None):
+    def stepper(self, s, drive, target=None, beta=0.0, out=None, record=None):
         """One synchronous step of every layer from the previous states ``s`` (see the module
         docstring); ``drive`` comes from ``input_drive``; ``out`` may receive the new states
-        (ignored while autograd records)."""
+        (scratch buffers the caller owns; ignored while autograd records); ``s`` is only read.
+        A ``record`` dict receives ``"indices"``: the max-pool indices this step used, one
+        (B, C_i, H_i, W_i) tensor per convolution, top first (the gradient unpools with them)."""
         nf, nc, act = self.n_fc, len(self.conv), self.activation
         if torch.is_grad_enabled():
             out = None
@@ -191,6 +190,8 @@ class Network_conv(EPNetwork):
                 a = pooled + feedback if buf is None else torch.add(pooled, feedback, out=buf)
             new.append(rho(a, act))
             indices = next_indices
+            if record is not None:
+                record.setdefault("indices", []).append(indices)
         return new
 
     def _tracked_conv(self, drive, i, below):
@@ -242,7 +243,7 @@ class Network_conv(EPNetwork):
                 zip(drive.pooled.tensor_split(n), drive.indices.tensor_split(n))]
 
     # -- learning ------------------------------------------------------------------------------
-    def computeGradient(self, x, s_plus, s_minus, beta_span, outer=False):
+    def computeGradient(self, x, plus, minus, beta_span):
         """Write the EP estimate of ``-dL/dW`` (negated, as ``.grad``) of every layer::
 
             classifier:  dW_k = (s_+[k]^T s_+[k+1] - s_-[k]^T s_-[k+1]) / (beta_span B),
@@ -250,14 +251,15 @@ class Network_conv(EPNetwork):
             convolution: dW_i = (corr(in_+, U(s_+[F+i])) - corr(in_-, U(s_-[F+i]))) / (beta_span B),
                          db_i = sum_{batch, h, w}(s_+[F+i] - s_-[F+i]) / (beta_span B)
 
-        with ``s_+``/``s_-`` the nudged/free states (one-sided, ``beta_span = beta``) or the +beta
-        and -beta nudged states (symmetric, ``beta_span = 2 beta``); corr is the correlation of
+        with ``s_+``/``s_-`` the states of the ``Phase`` ``plus``/``minus``: nudged/free (one-sided,
+        ``beta_span = beta``) or +beta and -beta nudged (symmetric, ``beta_span = 2 beta``);
+        ``x`` is (B, C, H, W); corr is the correlation of
         the layer's input (the state below, or ``x`` for the bottom layer, whose unpooled
         difference makes it one correlation) with the unpooled state (a convolution's weight
         gradient), U unpools with the indices each phase's states give; unpooling moves values
-        without changing their sum, hence the bias sums.  (``outer`` is accepted for the shared
-        ``ep_step`` and unused: no convolution gradient is a plain product.)
+        without changing their sum, hence the bias sums.
         """
+        s_plus, s_minus = plus.states, minus.states
         nf, nc = self.n_fc, len(self.conv)
         c = 1.0 / (beta_span * x.shape[0])
         for k, layer in enumerate(self.fc):

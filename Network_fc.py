@@ -12,7 +12,8 @@ from collections import namedtuple
 import torch
 import torch.nn as nn
 
-from shared_fc_conv import EPNetwork, nudge, one_hot, rho
+from binary_ep.activations import nudge, one_hot, rho
+from binary_ep.network import EPNetwork
 
 
 FcConstants = namedtuple("FcConstants", "x W WT b")
@@ -35,12 +36,9 @@ class Network_fc(EPNetwork):
         self.W = nn.ModuleList(nn.Linear(self.sizes[k + 1], self.sizes[k])
                                for k in range(len(self.sizes) - 1))
         names = [f"fc{k}" for k in range(len(self.W))]
+        # learnt alpha: the original fc class scales its alpha estimate by 0.5 (DESIGN.md section 4)
         self._setup_optimizers(args, [l.weight for l in self.W], [l.bias for l in self.W], names,
-                               [False] * len(self.W))
-
-    def prepare(self, x):
-        """Flatten a batch of images (B, C, H, W) to (B, n_input)."""
-        return x.reshape(x.shape[0], -1)
+                               [False] * len(self.W), alpha_scale=0.5)
 
     def target(self, labels):
         """One-hot targets in {0, 1}, shape (10, B)."""
@@ -56,7 +54,7 @@ class Network_fc(EPNetwork):
         return [torch.ones(n, batch, device=w.device, dtype=w.dtype) for n in self.sizes[:-1]]
 
     def input_drive(self, x):
-        """The batch's constants during both phases: ``W[-1] x + b[-1]`` of shape (n_{L-2}, B),
+        """``x``: the flattened images, (B, n_input).  The batch's constants during both phases: ``W[-1] x + b[-1]`` of shape (n_{L-2}, B),
         plus the weight matrices, their contiguous transposes and the bias columns the stepper
         uses (made once per batch instead of once per step)."""
         layer = self.W[-1]
@@ -68,16 +66,18 @@ class Network_fc(EPNetwork):
     def split_drive(self, drive, n):
         return [drive._replace(x=part.contiguous()) for part in drive.x.tensor_split(n, 1)]
 
-    def stepper(self, s, drive, target=None, beta=0.0, out=None):
+    def stepper(self, s, drive, target=None, beta=0.0, out=None, record=None):
         """One synchronous step, every layer from the previous states ``s``::
 
             s[0] <- rho(W[0] s[1] + b[0])  (+ beta (y - s[0]) in the nudged phase)
             s[k] <- rho(W[k] s[k+1] + b[k] + W[k-1]^T s[k-1])
             every state clamped to [0, 1]
 
-        ``drive`` comes from ``input_drive`` (``drive.x`` is ``W[-1] x + b[-1]``); ``out``
-        (optional) receives the new states, except the bottom hidden layer's, then updated in
-        place in ``s`` (computed last, after its only reader).
+        ``drive`` comes from ``input_drive`` (``drive.x`` is ``W[-1] x + b[-1]``).  ``out``
+        (optional, scratch buffers the caller owns) receives the new states, except the bottom
+        hidden layer's, which is then updated in place in ``s`` (computed last, after its only
+        reader): only ``relax`` passes ``out``, with states of its own.  The fc step needs
+        nothing besides the states for the gradient, so ``record`` stays empty.
         """
         n = len(s)
         new = []
@@ -97,32 +97,31 @@ class Network_fc(EPNetwork):
             new.append(a)
         return new
 
-    def computeGradient(self, x, s_plus, s_minus, beta_span, outer=False):
-        """Write the EP estimate of ``-dL/dW`` (negated, as ``.grad``) for every layer::
+    def computeGradient(self, x, plus, minus, beta_span):
+        """Write the EP estimate of ``dL/dW = -dW`` of every layer for ``updateWeights``::
 
             dW[k] = (s_+[k] s_+[k+1]^T - s_-[k] s_-[k+1]^T) / (beta_span B)
             db[k] = sum_batch(s_+[k] - s_-[k]) / (beta_span B)
 
-        with ``s_+``/``s_-`` the nudged/free states (one-sided, ``beta_span = beta``) or the +beta
-        and -beta nudged states (symmetric, ``beta_span = 2 beta``).  The input layer uses
-        ``(s_+[L-2] - s_-[L-2]) x``: one product; with ``outer=True`` its two factors go to the
-        flip optimizer (``set_outer_grad``), which forms the product block by block.
+        with ``plus``/``minus`` the ``Phase`` of the nudged/free states (one-sided, ``beta_span =
+        beta``) or of the +beta and -beta nudged states (symmetric, ``beta_span = 2 beta``); ``x``
+        is (B, n_input).  The input layer's is ``(s_+[L-2] - s_-[L-2]) x``, one product, handed to
+        the flip optimizer as its two factors (``set_outer_grad``: (n, B) and (B, n_input)),
+        which forms it block by block.
         """
+        s_plus, s_minus = plus.states, minus.states
         c = 1.0 / (beta_span * x.shape[0])
         n = len(s_plus)
         for k, layer in enumerate(self.W):
             w, b = layer.weight, layer.bias
-            factors = outer and k == n - 1
-            if w.grad is None and not factors:
-                w.grad = torch.empty_like(w)
             if b.grad is None:
                 b.grad = torch.empty_like(b)
             diff = s_plus[k] - s_minus[k]
-            if factors:
+            if k == n - 1:
                 self.optW.set_outer_grad(w, diff, x, -c)
-            elif k == n - 1:
-                torch.addmm(w.grad, diff, x, beta=0, alpha=-c, out=w.grad)
             else:
+                if w.grad is None:
+                    w.grad = torch.empty_like(w)
                 torch.addmm(w.grad, s_plus[k], s_plus[k + 1].t(), beta=0, alpha=-c, out=w.grad)
                 w.grad.addmm_(s_minus[k], s_minus[k + 1].t(), alpha=c)
             torch.sum(diff, 1, out=b.grad).mul_(-c)

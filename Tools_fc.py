@@ -1,14 +1,55 @@
 """Training, testing and run files of the fully connected network (the seed's ``Tools_fc``).
 
-The loops and files are the same for both architectures and live once in ``shared_fc_conv``;
-the network supplies what differs (input flattening, state layout, layer names ``fc0`` ... with
-``fc0`` feeding the output layer, which name the ``flips_*``/``fliprate_*``/``alpha_*`` columns).
-
-* ``train_bin(net, loader, epoch)``: free phase, nudged phase, update; flip counts; tqdm progress.
-* ``test_bin(net, loader, epoch)``: free phase only; test error (%) and loss.
-* ``initDataframe(path, layer_names)`` / ``updateDataframe(path, df, epoch, train, test, net, s)``.
-* ``createPath(args)``: ``<outDir>/DATA-0-fc-<dataset>/<date>/S-<n>``; ``saveHyperparameters``.
+The loops and the run files are the package's (``binary_ep.loops``, ``binary_ep.run_folder``);
+this module gives them what is specific to the fc architecture: its images flattened to
+(B, C*H*W) rows, its run folders ``DATA-0-fc-<dataset>``, and its layer names, which name the
+columns of ``results.csv``: ``fc0`` (the weights feeding the output layer) ... ``fc{L-2}`` (the
+weights reading the input), the order of every per-layer list.
 """
 
-from shared_fc_conv import (createPath, initDataframe, saveHyperparameters,  # noqa: F401
-                            test_epoch as test_bin, train_epoch as train_bin, updateDataframe)
+import os
+
+from binary_ep import loops, run_folder
+
+ARCHI = "fc"
+PLOT_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plotFunctions.py")
+
+
+def prepare_images(net, x):
+    """A loader's batch of images (B, C, H, W) as the network's input: rows (B, C*H*W)."""
+    return x.reshape(x.shape[0], -1)
+
+
+def train_bin(net, loader, epoch, estimator):
+    """Train ``net`` over ``loader`` once: per mini-batch the free and nudged phases (the
+    ``estimator``), then ``updateWeights``; tracks the weight flips of each layer.  Returns
+    ``{"train_error": %, "train_loss": per sample, "flips": [per layer]}``."""
+    return loops.train_epoch(net, loader, epoch, estimator, prepare_images)
+
+
+def test_bin(net, loader, epoch):
+    """Test ``net`` over ``loader`` once (free phase only): ``{"test_error": %, "test_loss"}``."""
+    return loops.test_epoch(net, loader, epoch, prepare_images)
+
+
+def initDataframe(path, net):
+    """The results dataframe of the run in ``path``: empty, with the fc columns
+    (``flips_fc0`` ... per layer), or the rows of an existing ``results.csv`` (resume)."""
+    return run_folder.init_results(path, net.layer_names)
+
+
+def updateDataframe(path, df, epoch, train, test, net, seconds):
+    """Add epoch ``epoch``'s row (errors, losses, flips and alpha per fc layer, seconds) to ``df``
+    and rewrite ``results.csv`` atomically; returns ``df``."""
+    return run_folder.update_results(path, df, epoch, train, test, net, seconds)
+
+
+def createPath(args):
+    """Create ``<outDir>/DATA-0-fc-<dataset>/<YYYY-MM-DD>/S-<n>`` with a copy of
+    ``plotFunctions.py`` in the date folder; returns the ``S-<n>`` folder."""
+    return run_folder.create_run_folder(args.outDir, ARCHI, args.dataset, PLOT_SCRIPT)
+
+
+def saveHyperparameters(path, args, argv):
+    """Write ``Hyperparameters.txt`` into the run folder ``path``."""
+    run_folder.write_hyperparameters(path, args, argv)

@@ -6,11 +6,13 @@ builds the fc or conv network, trains and tests it epoch by epoch and writes the
 """
 
 import argparse
+import importlib
 import math
 import os
 import random
 import re
 import shlex
+import shutil
 import sys
 
 # OpenMP threads that spin after each parallel region steal the core a relaxation stream needs
@@ -39,7 +41,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser():
-    from choices import ACTIVATIONS, DATASETS
+    from binary_ep.vocabulary import ACTIVATIONS, DATASETS
     p = Parser(
         prog="main.py", description="Binary-weight Equilibrium Propagation (fc or conv networks). "
         "Per-layer lists (--gamma, --gradThreshold, --lrBias, --lrAlpha, ...) are ordered from the "
@@ -180,7 +182,7 @@ def normalise(parser, args, given):
 
 def validate(parser, args):
     """Every value check; runs before anything is created on disk."""
-    from choices import INPUT_SHAPE, N_CLASSES, UserError, conv_geometry
+    from binary_ep.vocabulary import INPUT_SHAPE, N_CLASSES, UserError, conv_geometry
     positive = {"T": args.T, "Kmax": args.Kmax, "batchSize": args.batchSize,
                 "test_batchSize": args.test_batchSize, "epochs": args.epochs,
                 "kernelSize": args.kernelSize, "Fpool": args.Fpool,
@@ -263,7 +265,8 @@ def parse(argv):
     args = parser.parse_args(argv)
     given = explicit_flags(argv)
     if args.resume:
-        args = resumed_args(parser, args, given)
+        from binary_ep.resume import resumed_args
+        args = resumed_args(parser, args, given, RESUME_FREE)
         return parser, args, argv
     normalise(parser, args, given)
     validate(parser, args)
@@ -272,48 +275,21 @@ def parse(argv):
     return parser, args, argv
 
 
-def resumed_args(parser, args, given):
-    """The saved arguments of ``--resume PATH``, checked against the flags given with it."""
-    import torch
-    path = args.resume
-    ckpt = os.path.join(path, "checkpoint.pt")
-    if not os.path.isfile(ckpt) or not os.path.isfile(os.path.join(path, "Hyperparameters.txt")):
-        parser.error(f"--resume {path} is not a run folder with checkpoint.pt and Hyperparameters.txt "
-                     f"(give an S-<n> folder whose first epoch finished)")
-    try:
-        saved = torch.load(ckpt, map_location="cpu", weights_only=False)["args"]
-    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is the same user error
-        parser.error(f"--resume {path}: checkpoint.pt cannot be read ({type(e).__name__}); it is "
-                     f"damaged, resume from a copy or start a new run")
-    conflicts = sorted(f for f in given - RESUME_FREE
-                       if f in saved and getattr(args, f, None) != saved[f])
-    if conflicts:
-        parser.error("--resume keeps the saved settings; these flags differ from the run's: "
-                     + ", ".join(f"--{f} (saved {saved[f]}, given {getattr(args, f)})" for f in conflicts))
-    new = argparse.Namespace(**saved)
-    for action in parser._actions:
-        if action.dest != "help" and not hasattr(new, action.dest):
-            setattr(new, action.dest, action.default)
-    for f in RESUME_FREE & (given | {"resume"}):
-        setattr(new, f, getattr(args, f))
-    if new.epochs < saved["epochs"]:
-        parser.error(f"--epochs can only be raised when resuming (saved {saved['epochs']}, given {new.epochs})")
-    new.outDir = saved["outDir"]
-    return new
+def architecture(archi):
+    """The seed's modules of an architecture: ``(Network_<archi> module, Tools_<archi> module)``."""
+    return importlib.import_module(f"Network_{archi}"), importlib.import_module(f"Tools_{archi}")
 
 
 def build_network(args):
-    if args.archi == "fc":
-        from Network_fc import Network_fc
-        return Network_fc(args)
-    from Network_conv import Network_conv
-    return Network_conv(args)
+    """``Network_<archi>.Network_<archi>(args)``: the network ``--archi`` names."""
+    network, _ = architecture(args.archi)
+    return getattr(network, f"Network_{args.archi}")(args)
 
 
 def plot_run(path):
     """Draw the run's PNG figures with the plotting script kept beside the code (a signal
     while drawing only skips the figures)."""
-    from shared_fc_conv import Interrupted
+    from binary_ep.signals import Interrupted
     try:
         import plotFunctions
         df = plotFunctions.read_run(path)
@@ -326,76 +302,84 @@ def plot_run(path):
               f"plotFunctions.py of its date folder", file=sys.stderr)
 
 
-def resumed_dataframe(path, net, done):
-    """``results.csv`` of a run resumed after epoch ``done``: rows 1..done, checked."""
-    import shared_fc_conv as sh
-    columns = sh.result_columns(net.layer_names)
-    try:
-        df = sh.initDataframe(path, net.layer_names)
-        ok = list(df.columns) == columns and all(e in df.index for e in range(1, done + 1))
-    except Exception:  # noqa: BLE001 - any unreadable CSV is the same user error
-        ok = False
-    if not ok:
-        raise sh.UserError(f"--resume {path}: results.csv is missing, damaged or does not match "
-                           f"checkpoint.pt (epoch {done}); restore it from a copy or start a new run")
-    return df[df.index <= done]
+def run_check(args, argv, net, tools, train_loader, generators):
+    """``--check gdu`` on the first training batch (of the run ``--resume`` names, trained)."""
+    from binary_ep.checkpoint import load_checkpoint
+    from binary_ep.gdu_check import run_gdu_check
+    trained = ""
+    if args.resume:
+        epoch = load_checkpoint(args.resume, net, {})
+        trained = f", network of run {os.path.basename(os.path.normpath(args.resume))} after epoch {epoch}"
+
+    def new_run_folder():
+        path = tools.createPath(args)
+        tools.saveHyperparameters(path, args, argv)
+        return path
+    return run_gdu_check(args, net, train_loader, tools.prepare_images, new_run_folder, trained)
 
 
 def run(args, argv, parser):
+    """Train (or check) the run ``args`` describes; returns the exit code."""
+    import time
+
+    import numpy as np
     import torch
-    import shared_fc_conv as sh
+    from tqdm import tqdm
+
+    from binary_ep import checkpoint, files, resume, run_folder, signals
+    from binary_ep.datasets import load_data
+    from binary_ep.estimators import make_estimator
+    from binary_ep.loops import Diverged
+    _, tools = architecture(args.archi)
     device = select_device(parser, args.device)
     torch.manual_seed(args.seed)
-    sh.np.random.seed(args.seed % 2 ** 32)
+    np.random.seed(args.seed % 2 ** 32)
     generators = {"data": torch.Generator().manual_seed(args.seed),
                   "beta": torch.Generator().manual_seed(args.seed + 1)}
-    train_loader, test_loader = sh.load_data(args, generators["data"])
+    train_loader, test_loader = load_data(args, generators["data"])
     net = build_network(args).to(device)
     if args.check == "gdu":
-        from learning_rule_check import run_gdu_check
-        return run_gdu_check(args, net, train_loader, argv)
-    estimator = None
-    if args.optim == "bptt":
-        from learning_rule_check import bptt_step as estimator
-    beta_rng = generators["beta"] if args.random_beta else None
+        return run_check(args, argv, net, tools, train_loader, generators)
+    estimator = make_estimator(args, generators["beta"])
     path, done, epoch = None, 0, 1
     try:
         if args.resume:
             path = args.resume
-            done = sh.load_checkpoint(path, net, generators)
+            done = checkpoint.load_checkpoint(path, net, generators)
             if done >= args.epochs:
                 print(f"{path} already has its {done} epochs; nothing to do (raise --epochs to train "
                       f"longer)", file=sys.stderr)
                 return 0
-            df = resumed_dataframe(path, net, done)
-            with sh.critical():
-                sh.remove_stale_temporaries(path)
-                note_resume(path, done, argv)
+            df = resume.resumed_dataframe(path, lambda: tools.initDataframe(path, net),
+                                          run_folder.result_columns(net.layer_names), done)
+            with signals.critical():
+                files.remove_stale_temporaries(path)
+                resume.note_resume(path, done, argv)
             print(f"resuming {path} after epoch {done}", file=sys.stderr)
         else:
-            with sh.critical():
-                path = sh.createPath(args)
-                sh.saveHyperparameters(path, args, argv)
-            df = sh.initDataframe(path, net.layer_names)
+            with signals.critical():
+                path = tools.createPath(args)
+                tools.saveHyperparameters(path, args, argv)
+            df = tools.initDataframe(path, net)
         print(f"run folder: {path}", file=sys.stderr)
         epoch = done + 1
-        bar = sh.tqdm(range(done + 1, args.epochs + 1), desc="epochs", initial=done, total=args.epochs,
-                      disable=os.environ.get("EP_NO_PROGRESS") == "1")
+        bar = tqdm(range(done + 1, args.epochs + 1), desc="epochs", initial=done, total=args.epochs,
+                   disable=os.environ.get("EP_NO_PROGRESS") == "1")
         for epoch in bar:
-            start = sh.timer()
-            train = sh.train_epoch(net, train_loader, epoch, beta_rng, estimator)
-            test = sh.test_epoch(net, test_loader, epoch)
-            seconds = sh.timer() - start
-            with sh.critical():
-                df = sh.updateDataframe(path, df, epoch, train, test, net, seconds)
-                sh.save_checkpoint(path, net, epoch, args, generators)
+            start = time.perf_counter()
+            train = tools.train_bin(net, train_loader, epoch, estimator)
+            test = tools.test_bin(net, test_loader, epoch)
+            seconds = time.perf_counter() - start
+            with signals.critical():
+                df = tools.updateDataframe(path, df, epoch, train, test, net, seconds)
+                checkpoint.save_checkpoint(path, net, epoch, args, generators)
                 done = epoch
-            sh.tqdm.write(f"epoch {epoch}/{args.epochs}: train error {train['train_error']:.2f}% "
-                          f"test error {test['test_error']:.2f}% train loss {train['train_loss']:.4f} "
-                          f"test loss {test['test_loss']:.4f} flips {sum(train['flips']):.0f} "
-                          f"({seconds:.1f} s)", file=sys.stderr)
-    except sh.Interrupted as e:
-        sh.ignore_signals()  # a second Ctrl-C must not cut the clean-up or the message short
+            tqdm.write(f"epoch {epoch}/{args.epochs}: train error {train['train_error']:.2f}% "
+                       f"test error {test['test_error']:.2f}% train loss {train['train_loss']:.4f} "
+                       f"test loss {test['test_loss']:.4f} flips {sum(train['flips']):.0f} "
+                       f"({seconds:.1f} s)", file=sys.stderr)
+    except signals.Interrupted as e:
+        signals.ignore_signals()  # a second Ctrl-C must not cut the clean-up or the message short
         code = 128 + e.signum
         if done == 0:
             if args.resume:
@@ -403,7 +387,7 @@ def run(args, argv, parser):
             elif path is None:
                 print(f"interrupted ({e}) before training started; nothing was saved", file=sys.stderr)
             else:
-                sh.shutil.rmtree(path, ignore_errors=True)
+                shutil.rmtree(path, ignore_errors=True)
                 print(f"interrupted ({e}) before the first epoch finished; nothing to resume, {path} "
                       f"removed", file=sys.stderr)
             return code
@@ -412,7 +396,7 @@ def run(args, argv, parser):
         print(f"interrupted ({e}) {when}; {kept}; continue with: python main.py --resume "
               f"{shlex.quote(str(path))}", file=sys.stderr)
         return code
-    except sh.Diverged as e:
+    except Diverged as e:
         if done:
             plot_run(path)
         where = f"the last good checkpoint (epoch {done}) is in {path}" if done else \
@@ -424,41 +408,27 @@ def run(args, argv, parser):
     return 0
 
 
-def note_resume(path, done, argv):
-    """Append the resuming command to ``Hyperparameters.txt`` (the arguments above stay as given)."""
-    import shared_fc_conv as sh
-    hp = os.path.join(path, "Hyperparameters.txt")
-    with open(hp) as f:
-        text = f.read()
-    text += ("" if text.endswith("\n") else "\n") + \
-        f"resumed after epoch {done}: python main.py {' '.join(shlex.quote(a) for a in argv)}\n"
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    sh.atomic_write(hp, write)
-
-
 def main(argv=None):
     """Exit codes: 0 done, 2 bad arguments or data, 3 diverged, 130/143 interrupted (SIGINT/SIGTERM)."""
     argv = sys.argv[1:] if argv is None else argv
     try:  # Ctrl-C while the libraries load: still one line, no traceback
         parser, args, argv = parse(argv)
-        import shared_fc_conv as sh
+        from binary_ep import signals
+        from binary_ep.vocabulary import UserError
     except KeyboardInterrupt:
         print("interrupted (SIGINT) while starting; nothing was saved", file=sys.stderr)
         return 130
-    previous = sh.install_signal_handlers()
+    previous = signals.install_signal_handlers()
     try:
         return run(args, argv, parser)
-    except sh.UserError as e:
+    except UserError as e:
         print(f"main.py: error: {e}", file=sys.stderr)
         return 2
-    except sh.Interrupted as e:  # before training started: nothing was written
+    except signals.Interrupted as e:  # before training started: nothing was written
         print(f"interrupted ({e}) before training started; nothing was saved", file=sys.stderr)
         return 128 + e.signum
     finally:
-        sh.restore_signal_handlers(previous)
+        signals.restore_signal_handlers(previous)
 
 
 if __name__ == "__main__":

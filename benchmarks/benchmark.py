@@ -22,7 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import main as ep_main  # noqa: E402
-from shared_fc_conv import INPUT_SHAPE, one_hot  # noqa: E402
+from binary_ep.estimators import EP  # noqa: E402
+from binary_ep.vocabulary import INPUT_SHAPE  # noqa: E402
 
 # name -> (command-line arguments as in the seed, dataset whose geometry the input takes)
 CONFIGS = {
@@ -51,15 +52,17 @@ def build(config, device):
 
 def time_config(config, device, repeats, batches):
     net, args = build(config, device)
+    tools = ep_main.architecture(args.archi)[1]
+    estimator = EP(args.beta)
     shape = INPUT_SHAPE[args.dataset]
     g = torch.Generator().manual_seed(0)
     xs = [torch.rand((args.batchSize,) + shape, generator=g) for _ in range(4)]
     ys = [torch.randint(0, 10, (args.batchSize,), generator=g) for _ in range(4)]
 
     def step(i):
-        x = net.prepare(xs[i % 4].to(device))
+        x = tools.prepare_images(net, xs[i % 4].to(device))
         target = net.target(ys[i % 4].to(device))
-        net.ep_step(x, target, args.beta)
+        estimator.compute_gradient(net, x, target)
         net.updateWeights()
 
     if device.type == "cuda":

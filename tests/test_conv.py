@@ -16,9 +16,11 @@ import torch
 import torch.nn.functional as F
 
 import main
-import shared_fc_conv as sh
 import Network_conv as nc
-from choices import conv_geometry
+import Tools_conv
+from binary_ep import datasets, vocabulary
+from binary_ep.estimators import EP
+from binary_ep.vocabulary import conv_geometry
 from Network_conv import Network_conv
 
 
@@ -68,8 +70,8 @@ def test_ep_gradient_matches_autograd_through_the_free_phase(layers, conv, kerne
             scale = 0.1 if k == 0 else 0.3  # the output layer smallest: no output unit saturates
             w.copy_(torch.randn(w.shape, generator=g, dtype=w.dtype) * scale / w[0].numel() ** 0.5)
             b.copy_(0.5 + 0.05 * torch.randn(b.shape, generator=g, dtype=b.dtype))
-    (xtr, ytr), _ = sh.load_digits_split()
-    x = net.prepare(0.3 * xtr[:8].double())
+    (xtr, ytr), _ = datasets.load_digits_split()
+    x = Tools_conv.prepare_images(net, 0.3 * xtr[:8].double())
     y = net.target(ytr[:8])
     params = [p for layer in layers_ for p in (layer.weight, layer.bias)]
     with torch.enable_grad():
@@ -84,7 +86,7 @@ def test_ep_gradient_matches_autograd_through_the_free_phase(layers, conv, kerne
         again = net.stepper(s_free, drive)
         assert max(float((a - b).abs().max()) for a, b in zip(again, s_free)) < 1e-12  # converged
         assert 0 < float(s_free[0].min()) and float(s_free[0].max()) < 1  # outputs unsaturated
-        net.ep_step(x, y, args.beta)
+        EP(args.beta).compute_gradient(net, x, y)
     names = [f"{n}.{k}" for n in net.layer_names for k in ("weight", "bias")]
     for name, p, auto in zip(names, params, grads):
         ep = p.grad
@@ -137,7 +139,7 @@ def test_sizes_of_the_seed_geometries():
     mnist_net = Network_conv(mnist)
     x = torch.rand(3, 1, 28, 28)
     with torch.no_grad():
-        s, _ = mnist_net.free_phase(mnist_net.prepare(x))
+        s, _ = mnist_net.free_phase(Tools_conv.prepare_images(mnist_net, x))
     assert [tuple(v.shape) for v in s] == [(3, 10), (3, 64, 4, 4), (3, 32, 12, 12)]
     assert mnist_net.output(s).shape == (3, 10)
 
@@ -145,13 +147,13 @@ def test_sizes_of_the_seed_geometries():
 def test_a_layer_that_shrinks_to_nothing_is_one_sentence_with_a_padding_that_works():
     args = parse("--device -1 --archi conv --layersList 10 --convList 64 32 1 --outDir /tmp")
     args.convList, args.padding = [256, 256, 128, 64, 3], 0
-    with pytest.raises(sh.UserError) as e:
+    with pytest.raises(vocabulary.UserError) as e:
         conv_geometry(args, (3, 32, 32))
     msg = str(e.value)
     assert "conv1" in msg and "--padding 2" in msg and "0x0" in msg
     assert msg.count(". ") == 0 and "\n" not in msg  # one sentence
     args.padding = 1  # the top layer then shrinks in its convolution; 2 is still the advice
-    with pytest.raises(sh.UserError, match=r"conv0 .*--padding 2 keeps every layer"):
+    with pytest.raises(vocabulary.UserError, match=r"conv0 .*--padding 2 keeps every layer"):
         conv_geometry(args, (3, 32, 32))
     args.padding = 2
     assert conv_geometry(args, (3, 32, 32))[0].pool == (256, 2, 2)
@@ -224,13 +226,13 @@ def test_both_hyperparameter_spellings_give_identical_parameters():
     split = parse(base + "--gamma_classi 1e-2 2e-2 --gamma_conv 3e-2 4e-2 "
                          "--classi_threshold 1e-6 2e-6 --conv_threshold 3e-6 4e-6")
     nets = []
-    (xtr, ytr), _ = sh.load_digits_split()
+    (xtr, ytr), _ = datasets.load_digits_split()
     for args in (whole, split):
         assert args.gamma == [1e-2, 2e-2, 3e-2, 4e-2] and args.gradThreshold == [1e-6, 2e-6, 3e-6, 4e-6]
         torch.manual_seed(0)
         net = Network_conv(args)
         with torch.no_grad():
-            net.ep_step(net.prepare(xtr[:32]), net.target(ytr[:32]), args.beta)
+            EP(args.beta).compute_gradient(net, Tools_conv.prepare_images(net, xtr[:32]), net.target(ytr[:32]))
             net.updateWeights()
         nets.append(net)
     a, b = nets
@@ -302,20 +304,20 @@ def pil_batch(n, seed=0):
 
 
 def normalised(array):
-    mean = torch.tensor(sh.CIFAR10_MEAN).view(3, 1, 1)
-    std = torch.tensor(sh.CIFAR10_STD).view(3, 1, 1)
+    mean = torch.tensor(datasets.CIFAR10_MEAN).view(3, 1, 1)
+    std = torch.tensor(datasets.CIFAR10_STD).view(3, 1, 1)
     return (torch.from_numpy(array).permute(2, 0, 1).float() / 255 - mean) / std
 
 
 def test_cifar10_transforms_on_a_synthetic_batch():
     arrays, images = pil_batch(6)
-    test = sh.cifar10_transforms(train=False)
+    test = datasets.cifar10_transforms(train=False)
     for a, im in zip(arrays, images):
         out = test(im)
         assert out.shape == (3, 32, 32) and out.dtype == torch.float32
         assert torch.allclose(out, normalised(a), atol=1e-5)
     # train: a random 32x32 crop of the image edge-padded by 4, mirrored or not, then normalised
-    train = sh.cifar10_transforms(train=True)
+    train = datasets.cifar10_transforms(train=True)
     torch.manual_seed(0)
     flips, offsets = set(), set()
     for _ in range(40):
@@ -332,7 +334,7 @@ def test_cifar10_transforms_on_a_synthetic_batch():
     assert flips == {False, True} and len(offsets) > 10
     means = torch.stack([test(im) for im in images]).mean((0, 2, 3))
     raw = torch.from_numpy(arrays).float().mean((0, 1, 2)) / 255
-    assert torch.allclose(means, (raw - torch.tensor(sh.CIFAR10_MEAN)) / torch.tensor(sh.CIFAR10_STD), atol=1e-4)
+    assert torch.allclose(means, (raw - torch.tensor(datasets.CIFAR10_MEAN)) / torch.tensor(datasets.CIFAR10_STD), atol=1e-4)
 
 
 def write_cifar10(root, n_per_batch=10, seed=0):
@@ -364,7 +366,7 @@ def test_cifar10_loading_reads_torchvision_files_and_trains(tmp_path, monkeypatc
                  f"--padding 2 --gamma 1e-2 1e-2 1e-2 --gradThreshold 1e-6 1e-6 1e-6 "
                  f"--lrBias 0.05 0.05 0.05 --batchSize 16 --test_batchSize 8 --trainSubset 40 "
                  f"--dataDir {tmp_path} --outDir {tmp_path}")
-    train, test = sh.load_data(args, torch.Generator().manual_seed(0))
+    train, test = datasets.load_data(args, torch.Generator().manual_seed(0))
     assert len(train.dataset) == 40 and len(test.dataset) == 10
     x, y = next(iter(test))
     data, labels = batches["test_batch"]
@@ -390,8 +392,8 @@ def test_cifar10_offline_without_files_is_one_clear_sentence(tmp_path):
     args = parse(f"--device -1 --archi conv --dataset cifar10 --layersList 10 --convList 8 4 3 --padding 2 "
                  f"--gamma 1e-2 1e-2 1e-2 --gradThreshold 1e-6 1e-6 1e-6 --lrBias 0.05 0.05 0.05 "
                  f"--dataDir {empty} --outDir {tmp_path}")
-    with pytest.raises(sh.UserError) as e:
-        sh.load_data(args, torch.Generator().manual_seed(0))
+    with pytest.raises(vocabulary.UserError) as e:
+        datasets.load_data(args, torch.Generator().manual_seed(0))
     msg = str(e.value)
     assert "\n" not in msg
     assert os.path.join(str(empty), "cifar-10-batches-py") in msg and "could not be downloaded" in msg

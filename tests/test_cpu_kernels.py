@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import cpu_kernels
+import Tools_conv
+from binary_ep import cpu_kernels
 from Network_conv import Network_conv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -188,7 +189,7 @@ def test_a_tracked_convolution_equals_the_convolution_of_its_input(changes):
     torch.manual_seed(0)
     net = Network_conv(conv_args(0))
     with torch.no_grad():
-        drive = net.input_drive(net.prepare(torch.rand(2, 1, 28, 28)))
+        drive = net.input_drive(Tools_conv.prepare_images(net, torch.rand(2, 1, 28, 28)))
         below = net.initHidden(2)[-1].uniform_()
         first = net._tracked_conv(drive, 0, below).clone()
         torch.testing.assert_close(first, F.conv2d(below, net.conv[0].weight, net.conv[0].bias))
@@ -235,7 +236,7 @@ def test_relaxation_with_the_kernel_equals_the_dense_path(padding, convs, monkey
         convs, [1e-4] * n, [1e-6] * n, [0.01] * n, [0.0] * n
     net = Network_conv(args)
     net.args = SimpleNamespace(T=60, Kmax=5, nudging="one-sided")
-    x = net.prepare(torch.rand(6, 1, 28, 28))
+    x = Tools_conv.prepare_images(net, torch.rand(6, 1, 28, 28))
     target = net.target(torch.randint(0, 10, (6,)))
     updates = []
     for name in ("conv_delta", "unpool_conv_transpose_delta"):
@@ -251,7 +252,7 @@ def test_relaxation_with_the_kernel_equals_the_dense_path(padding, convs, monkey
         assert not cpu_kernels.available()
         slow = net.phases(x, target, 0.5)
     for a, b in zip(fast, slow):
-        for u, v in zip(a, b):
+        for u, v in zip(a.states, b.states):
             torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-5)
 
 
@@ -262,7 +263,7 @@ def run_python(code, env_extra, tmp_path):
 
 
 def test_without_a_compiler_the_network_says_so_once_and_uses_the_dense_path(tmp_path):
-    code = ("import torch, cpu_kernels\n"
+    code = ("import torch\nfrom binary_ep import cpu_kernels\n"
             "print(cpu_kernels.available(), cpu_kernels.available())\n")
     run = run_python(code, {"CC": str(tmp_path / "no-such-cc")}, tmp_path)
     assert run.returncode == 0, run.stderr
@@ -275,7 +276,7 @@ def test_without_a_compiler_the_network_says_so_once_and_uses_the_dense_path(tmp
 
 @needs_kernel
 def test_concurrent_first_builds_all_get_a_whole_library(tmp_path):
-    code = "import cpu_kernels; print(cpu_kernels.available())"
+    code = "from binary_ep import cpu_kernels; print(cpu_kernels.available())"
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(4)]

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import main
-import shared_fc_conv as sh
-from shared_fc_conv import BinaryFlip, binarize_, current_alpha
+from binary_ep import binary_optimizer
+from binary_ep.binary_optimizer import BinaryFlip, binarize_, current_alpha
+from binary_ep.estimators import EP
 
 SEED_FC_COMMANDS = [
     # the four fully connected commands of the seed README, exactly as printed
@@ -91,7 +92,7 @@ def test_ep_gradient_matches_autograd_through_the_dynamics():
     x = torch.rand(16, 64, generator=g, dtype=torch.float64)
     target = net.target(torch.randint(0, 10, (16,), generator=g))
     with torch.no_grad():
-        net.ep_step(x, target, 1e-4)
+        EP(1e-4).compute_gradient(net, x, target)
     ep = [g.clone() for g in net.weight_grads()] + [p.grad.clone() for p in net.biases()]
     params = net.binary_weights() + net.biases()
     with torch.enable_grad():
@@ -184,7 +185,7 @@ def test_blocked_and_factored_flip_rule_equals_the_whole_matrix_rule(per_channel
     runs = []
     try:
         for mode in ("whole", "blocked"):
-            monkeypatch.setattr(sh, "CPU_BLOCK_ELEMENTS", 10 ** 9 if mode == "whole" else 10)  # 2 rows per block
+            monkeypatch.setattr(binary_optimizer, "CPU_BLOCK_ELEMENTS", 10 ** 9 if mode == "whole" else 10)  # 2 rows per block
             w = torch.nn.Parameter(start.clone())
             opt = flip_optimizer(w, 0.3, 0.05, lr_alpha=lr_alpha, per_channel=per_channel)
             assert opt._block_rows(w) == (7 if mode == "whole" else 2)

@@ -12,9 +12,11 @@ import pytest
 import torch
 
 import main
-import shared_fc_conv as sh
-from learning_rule_check import (GDU_COLUMNS, bptt_step, ep_updates, free_trajectory_tail,
-                                 gdu_rows, output_slope)
+import Tools_fc
+from binary_ep import activations, datasets, network
+from binary_ep.activations import output_slope
+from binary_ep.estimators import BPTT, EP, truncated_gradient
+from binary_ep.gdu_check import GDU_COLUMNS, ep_updates, free_trajectory_tail, gdu_rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -63,8 +65,8 @@ def build(archi, **kw):
     args = fc_args(**kw) if archi == "fc" else conv_args(**kw)
     torch.manual_seed(0)
     net = main.build_network(args).double()
-    (xtr, ytr), _ = sh.load_digits_split()
-    x = net.prepare(xtr[:32].double())
+    (xtr, ytr), _ = datasets.load_digits_split()
+    x = main.architecture(archi)[1].prepare_images(net, xtr[:32].double())
     return net, args, x, ytr[:32]
 
 
@@ -95,7 +97,7 @@ def test_bptt_step_is_the_gradient_of_the_batch_mean_loss(archi, T, Kmax):
     net, args, x, labels = build(archi, T=T, Kmax=Kmax)
     target = net.target(labels)
     with torch.no_grad():
-        s_ret = bptt_step(net, x, target, 0.3)
+        s_ret = BPTT(T, Kmax).compute_gradient(net, x, target)
     got = [p.grad.clone() for p in net.binary_weights() + net.biases()]
     params = net.binary_weights() + net.biases()
     with torch.no_grad():
@@ -107,7 +109,7 @@ def test_bptt_step_is_the_gradient_of_the_batch_mean_loss(archi, T, Kmax):
         for _ in range(Kmax):
             s = net.stepper(s, drive)
         out = net.output(s)
-        loss = 0.5 * ((out - sh.one_hot(labels).double()) ** 2).sum(1).mean()
+        loss = 0.5 * ((out - activations.one_hot(labels).double()) ** 2).sum(1).mean()
         want = torch.autograd.grad(loss, params, allow_unused=True)
     for g, w, p in zip(got, want, params):
         w = torch.zeros_like(p) if w is None else w
@@ -131,7 +133,7 @@ def test_ep_matches_bptt_per_layer_with_small_beta(archi):
     net, args, x, labels = build(archi)
     unsaturate_outputs(net)
     target = net.target(labels)
-    _, tail = free_trajectory_tail(net, x, 1)
+    _, tail, last = free_trajectory_tail(net, x, 1)
     assert max(float((a - b).abs().max()) for a, b in zip(tail[0], tail[1])) < 1e-9  # converged
     s0 = tail[-1][0]
     assert float(s0.min()) > 0 and float(s0.max()) < 1
@@ -154,19 +156,18 @@ def test_saturated_outputs_are_the_gap_between_seed_ep_and_bptt(archi):
     nudge passed through rho' (diagnostic columns *_slope_nudge) EP matches BPTT again."""
     net, args, x, labels = build(archi, T=150, extra="--beta 1e-3")
     target = net.target(labels)
-    _, tail = free_trajectory_tail(net, x, 1)
+    _, tail, last = free_trajectory_tail(net, x, 1)
     assert max(float((a - b).abs().max()) for a, b in zip(tail[0], tail[1])) < 1e-12  # converged
     s0 = tail[-1][0]
     slope = output_slope(s0, "hardsigm")
     assert bool(((slope == 0) & (s0 != target)).any())  # the case under study occurs
     rows = gdu_rows(net, x, target, 1e-3, args.Kmax)
-    ep1 = ep_updates(net, x, net.input_drive(x), tail[-1], target, 1e-3, 1)[0]
+    ep1 = ep_updates(net, x, net.input_drive(x), last, target, 1e-3, 1)[0]
     n = len(net.layer_names)
     batch_mean = lambda v: net.output([v]).mean(0)  # noqa: E731 - (B, 10) whatever the layout
     assert torch.allclose(ep1[n], batch_mean(s0 - target), atol=1e-9)
     bptt_bias = batch_mean(slope * (s0 - target))
-    from learning_rule_check import _truncated_gradient
-    assert torch.allclose(_truncated_gradient(net, x, tail[-1], target, 1)[0][n], bptt_bias,
+    assert torch.allclose(truncated_gradient(net, x, tail[-1], target, 1)[0][n], bptt_bias,
                           atol=1e-12)
     df = pd.DataFrame(rows)
     df = df[df["bptt_norm"] > 0]
@@ -192,14 +193,14 @@ def test_symmetric_nudging_is_closer_to_bptt_than_one_sided(archi):
 
 @pytest.mark.parametrize("nudging", ["one-sided", "symmetric"])
 def test_training_step_writes_the_checked_estimate(nudging):
-    """EPNetwork.ep_step (what training uses) writes the same .grad as the check's EP side after
+    """The EP estimator (what training uses) writes the same .grad as the check's EP side after
     Kmax nudged steps, for both nudging modes (so the check verifies the trained estimator)."""
     net, args, x, labels = build("fc", T=60, Kmax=5, extra=f"--nudging {nudging}")
     target = net.target(labels)
-    drive, tail = free_trajectory_tail(net, x, 0)
-    want = ep_updates(net, x, drive, tail[-1], target, 0.3, args.Kmax, nudging)[-1]
+    drive, _, free = free_trajectory_tail(net, x, 0)
+    want = ep_updates(net, x, drive, free, target, 0.3, args.Kmax, nudging)[-1]
     with torch.no_grad():
-        net.ep_step(x, target, 0.3)
+        EP(0.3, nudging).compute_gradient(net, x, target)
     got = net.weight_grads() + [p.grad for p in net.biases()]
     for g, w in zip(got, want):
         assert torch.allclose(g, w, atol=1e-12)
@@ -247,21 +248,25 @@ def test_bptt_training_memory_is_flat_over_50_batches():
     args = fc_args("64 512 10", T=20, Kmax=10)
     torch.manual_seed(0)
     net = main.build_network(args)
-    (xtr, ytr), _ = sh.load_digits_split()
+    (xtr, ytr), _ = datasets.load_digits_split()
     batches = [(xtr[i * 64 % 1344:i * 64 % 1344 + 64], ytr[i * 64 % 1344:i * 64 % 1344 + 64])
                for i in range(50)]
 
     def growth(leak):
         rss, kept = [], []
 
-        def estimator(net, x, target, beta):
-            s = bptt_step(net, x, target, beta)
+        class Recording(BPTT):
+            def compute_gradient(self, net, x, target):
+                s = super().compute_gradient(net, x, target)
+                after(s, net, x)
+                return s
+
+        def after(s, net, x):
             if leak:
                 with torch.enable_grad():
                     kept.append(net.forward([v.clone() for v in s], net.input_drive(x), args.T)[0])
             rss.append(_rss_mib())
-            return s
-        sh.train_epoch(net, batches, 1, None, estimator)
+        Tools_fc.train_bin(net, batches, 1, Recording(args.T, args.Kmax))
         assert len(rss) == 50
         return rss[-1] - rss[9]
 
@@ -280,17 +285,18 @@ EP_DIGITS = ("--device -1 --archi fc --dataset digits --layersList 64 64 10 --T 
              "--batchSize 32 --test_batchSize 360 --epochs 2 --seed 7 --trainSubset 640")
 
 
-_EP_STEP = sh.EPNetwork.ep_step
+_PHASES = network.EPNetwork.phases
 
 
 def _run_recording_betas(argv, out, monkeypatch):
     betas = []
-    original = _EP_STEP
+    original = _PHASES
 
-    def recording(self, x, target, beta):
-        betas.append(beta)
+    def recording(self, x, target=None, beta=0.0):
+        if target is not None:  # a training batch
+            betas.append(beta)
         return original(self, x, target, beta)
-    monkeypatch.setattr(sh.EPNetwork, "ep_step", recording)
+    monkeypatch.setattr(network.EPNetwork, "phases", recording)
     assert main.main(argv.split() + ["--outDir", str(out)]) == 0
     (folder,) = out.glob("DATA-0-fc-digits/*/S-1")
     df = pd.read_csv(folder / "results.csv", index_col="epoch").drop(columns="epoch_seconds")

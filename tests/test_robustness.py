@@ -21,7 +21,10 @@ import pytest
 import torch
 
 import main
-import shared_fc_conv as sh
+import Tools_fc
+from binary_ep import datasets, files, signals
+from binary_ep.checkpoint import load_checkpoint, save_checkpoint
+from binary_ep.estimators import EP
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = os.path.join(ROOT, "main.py")
@@ -132,7 +135,7 @@ import json, os, runpy, sys, traceback
 root, parallel = sys.argv[1], int(sys.argv[2])
 sys.path.insert(0, root)
 import pandas, sklearn.datasets, torch, torchvision.datasets  # noqa: F401 - warm up
-import plotFunctions, shared_fc_conv  # noqa: F401,E401
+import plotFunctions, Network_fc, Network_conv, Tools_fc, Tools_conv  # noqa: F401,E401
 cases = json.load(sys.stdin)
 running, codes = {}, {}
 
@@ -221,10 +224,10 @@ def test_checkpoint_restores_generators_global_rng_and_filter_buffers(tmp_path):
     torch.manual_seed(0)
     net = main.build_network(args)
     gens = {"data": torch.Generator().manual_seed(11), "beta": torch.Generator().manual_seed(12)}
-    train, _ = sh.load_data(args, gens["data"])
-    sh.train_epoch(net, train, 1, gens["beta"])  # advances both generators, fills the buffers
+    train, _ = datasets.load_data(args, gens["data"])
+    Tools_fc.train_bin(net, train, 1, EP(args.beta, sign_generator=gens["beta"]))  # advances both generators, fills the buffers
     torch.rand(3), np.random.rand(3)
-    sh.save_checkpoint(str(tmp_path), net, 1, args, gens)
+    save_checkpoint(str(tmp_path), net, 1, args, gens)
     expect = (torch.rand(5, generator=gens["data"]), torch.rand(5, generator=gens["beta"]),
               torch.rand(5), np.random.rand(5))
     saved = {k: v.clone() for k, v in net.state_dict().items()}
@@ -234,7 +237,7 @@ def test_checkpoint_restores_generators_global_rng_and_filter_buffers(tmp_path):
     other = main.build_network(args)
     assert not all(torch.equal(saved[k], v) for k, v in other.state_dict().items())
     fresh = {"data": torch.Generator().manual_seed(0), "beta": torch.Generator().manual_seed(0)}
-    assert sh.load_checkpoint(str(tmp_path), other, fresh) == 1
+    assert load_checkpoint(str(tmp_path), other, fresh) == 1
     got = (torch.rand(5, generator=fresh["data"]), torch.rand(5, generator=fresh["beta"]),
            torch.rand(5), np.random.rand(5))
     for e, g in zip(expect, got):
@@ -346,18 +349,18 @@ def test_sigint_and_sigterm_keep_the_last_epoch_and_resume_bit_for_bit(tmp_path)
 
 def test_interrupt_before_the_first_epoch_removes_the_run_folder(tmp_path, monkeypatch, capsys):
     """Ctrl-C in epoch 1, and a second one while the half-made folder is being removed."""
-    train_epoch, rmtree = sh.train_epoch, sh.shutil.rmtree
+    train_bin, rmtree = Tools_fc.train_bin, main.shutil.rmtree
 
     def interrupted(net, loader, epoch, *args):
         os.kill(os.getpid(), signal.SIGINT)
-        return train_epoch(net, loader, epoch, *args)
+        return train_bin(net, loader, epoch, *args)
 
     def impatient_rmtree(path, *args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.05)
         return rmtree(path, *args, **kwargs)
-    monkeypatch.setattr(sh, "train_epoch", interrupted)
-    monkeypatch.setattr(sh.shutil, "rmtree", impatient_rmtree)
+    monkeypatch.setattr(Tools_fc, "train_bin", interrupted)
+    monkeypatch.setattr(main.shutil, "rmtree", impatient_rmtree)
     capsys.readouterr()
     assert main.main(QUICK + ["--epochs", "2", "--outDir", str(tmp_path)]) == 130
     err = capsys.readouterr().err.strip().splitlines()
@@ -375,22 +378,22 @@ def test_atomic_write_never_leaves_a_partial_file(tmp_path):
             f.write("new,half")
         raise OSError("disk full")
     with pytest.raises(OSError):
-        sh.atomic_write(str(target), crash)
+        files.atomic_write(str(target), crash)
     assert target.read_text() == "old,complete\n" and os.listdir(tmp_path) == ["results.csv"]
 
     # a signal that arrives while a file is written is held back until the file is complete
-    previous = sh.install_signal_handlers()
+    previous = signals.install_signal_handlers()
     try:
         def interrupted_write(tmp):
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.05)
             with open(tmp, "w") as f:
                 f.write("new,complete\n")
-        with pytest.raises(sh.Interrupted) as e:
-            sh.atomic_write(str(target), interrupted_write)
+        with pytest.raises(signals.Interrupted) as e:
+            files.atomic_write(str(target), interrupted_write)
         assert e.value.signum == signal.SIGTERM
     finally:
-        sh.restore_signal_handlers(previous)
+        signals.restore_signal_handlers(previous)
     assert target.read_text() == "new,complete\n" and os.listdir(tmp_path) == ["results.csv"]
     assert signal.getsignal(signal.SIGINT) is previous[signal.SIGINT]
 
@@ -431,7 +434,7 @@ def test_planted_divergence_stops_and_keeps_the_last_good_epoch(plant, tmp_path,
     when, planter, fragments = PLANTS[plant]
     seen = {"epoch": 0, "batch": 0, "snapshot": None}
     original_set_epoch, original_update, original_prepare = (
-        Network_fc.set_epoch, Network_fc.updateWeights, Network_fc.prepare)
+        Network_fc.set_epoch, Network_fc.updateWeights, Tools_fc.prepare_images)
 
     def set_epoch(self, epoch):
         seen["epoch"], seen["batch"] = epoch, 0
@@ -454,8 +457,8 @@ def test_planted_divergence_stops_and_keeps_the_last_good_epoch(plant, tmp_path,
                 planter(self)
         return flips
 
-    def prepare(self, x):
-        x = original_prepare(self, x)
+    def prepare(net, x):
+        x = original_prepare(net, x)
         if seen["epoch"] == 2 and seen["batch"] == 1 and when == "input":  # the 2nd training batch
             x = x.clone()
             x[0, 5] = float("nan")
@@ -463,7 +466,7 @@ def test_planted_divergence_stops_and_keeps_the_last_good_epoch(plant, tmp_path,
 
     monkeypatch.setattr(Network_fc, "set_epoch", set_epoch, raising=False)
     monkeypatch.setattr(Network_fc, "updateWeights", updateWeights, raising=False)
-    monkeypatch.setattr(Network_fc, "prepare", prepare)
+    monkeypatch.setattr(Tools_fc, "prepare_images", prepare)
     capsys.readouterr()
     code = main.main(FC + ["--epochs", "3", "--outDir", str(tmp_path)])
     err = capsys.readouterr().err
@@ -642,7 +645,7 @@ def bad_invocations(tmp_path):
     cifar_empty, cifar_bad = tmp_path / "cifar-empty", tmp_path / "cifar-bad" / "cifar-10-batches-py"
     cifar_empty.mkdir()
     cifar_bad.mkdir(parents=True)
-    for name in sh.CIFAR10_FILES:
+    for name in datasets.CIFAR10_FILES:
         (cifar_bad / name).write_bytes(b"\x80\x04 not a pickle")
     full += [("cifar_none", base + cifar_fc + ["--dataDir", cifar_empty],
               ["cifar-10-batches-py", "could not be downloaded", "data_batch_1"], [cifar_empty]),

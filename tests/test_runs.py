@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import main
-import shared_fc_conv as sh
+import Tools_fc
+from binary_ep import datasets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = ("--archi fc --dataset digits --layersList 64 32 10 --T 8 --Kmax 3 --beta 0.5 --gamma 1e-2 1e-2 "
@@ -84,7 +85,7 @@ def test_createPath_is_atomic_under_threads(tmp_path):
 
     def take():
         barrier.wait()
-        made.append(sh.createPath(args))
+        made.append(Tools_fc.createPath(args))
     threads = [threading.Thread(target=take) for _ in range(16)]
     [t.start() for t in threads]
     [t.join() for t in threads]
@@ -123,7 +124,7 @@ def test_plotFunctions_draws_every_run_and_the_summary(tmp_path):
     tree = ast.parse(open(os.path.join(ROOT, "plotFunctions.py")).read())
     imported = {n.names[0].name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert imported <= {"glob", "os", "re", "sys", "matplotlib", "pandas"}
+    assert imported <= {"fcntl", "glob", "os", "re", "sys", "matplotlib", "pandas"}
 
 
 def test_a_figure_that_fails_halfway_leaves_the_previous_one_whole(tmp_path, monkeypatch):
@@ -167,15 +168,15 @@ def test_mnist_offline_without_files_is_one_clear_sentence(tmp_path):
 
 
 def test_fashion_mnist_found_in_debian_folder(tmp_path):
-    if not os.path.isdir(sh.DEBIAN_FASHION_MNIST):
+    if not os.path.isdir(datasets.DEBIAN_FASHION_MNIST):
         pytest.skip("Debian's dataset-fashion-mnist package is not installed")
     args = main.argparse.Namespace(dataset="fashion_mnist", dataDir=str(tmp_path), trainSubset=100,
                                    testSubset=50, batchSize=10, test_batchSize=50)
-    train, test = sh.load_data(args, torch.Generator().manual_seed(0))
+    train, test = datasets.load_data(args, torch.Generator().manual_seed(0))
     assert (len(train), len(test)) == (10, 1)
     x, y = next(iter(test))
     assert x.shape == (50, 1, 28, 28) and 0 <= float(x.min()) and float(x.max()) <= 1
-    assert sorted(os.listdir(tmp_path / "FashionMNIST" / "raw")) == sorted(sh.MNIST_FILES)
+    assert sorted(os.listdir(tmp_path / "FashionMNIST" / "raw")) == sorted(datasets.MNIST_FILES)
     assert y.tolist()[:5] == [9, 2, 1, 1, 6]  # the first labels of Fashion-MNIST's test set
 
 

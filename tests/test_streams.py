@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import main
-import shared_fc_conv as sh
+from binary_ep import datasets, streams
 
 FC = ("--archi fc --layersList 64 48 24 10 --T 30 --Kmax 6 --gamma 1e-4 1e-4 1e-4 "
       "--gradThreshold 2e-5 2e-5 2e-5 --lrBias 0.05 0.05 0.05")
@@ -29,27 +29,27 @@ def test_streams_compute_the_states_of_the_whole_batch(line, nudging, two_thread
                       f"{line}".split())[1]
     torch.manual_seed(0)
     net = main.build_network(args)
-    (xtr, ytr), _ = sh.load_digits_split()
-    x, y = net.prepare(xtr[:64]), net.target(ytr[:64])
+    (xtr, ytr), _ = datasets.load_digits_split()
+    x, y = main.architecture(args.archi)[1].prepare_images(net, xtr[:64]), net.target(ytr[:64])
     with torch.no_grad():
         assert net._streams(64, x.device) == 2 and net._streams(31, x.device) == 1
     assert net._streams(64, x.device) == 1  # autograd on: one stream
     runs = []
     for min_share in (16, 10 ** 6):  # two streams, then one
-        monkeypatch.setattr(sh, "MIN_STREAM_BATCH", min_share)
+        monkeypatch.setattr(streams, "MIN_STREAM_BATCH", min_share)
         with torch.no_grad():
             phases = net.phases(x, y, args.beta)
             (free,) = net.phases(x)
             s, drive = net.free_phase(x)
             s_plus = net.forward([v.clone() for v in s], drive, args.Kmax, y, args.beta)
         assert len(phases) == (3 if nudging == "symmetric" else 2)
-        runs.append([v for phase in phases for v in phase] + free + s + s_plus)
+        runs.append([v for phase in phases for v in phase.states] + free.states + s + s_plus)
     for a, b in zip(*runs):
         assert a.shape == b.shape and a.stride() == b.stride()  # same memory layout too
         assert float((a - b).abs().max()) < 1e-5
     # the phases themselves are what they say: free == free_phase, nudged moved from it
     two = runs[0]
-    n = len(free)
+    n = len(free.states)
     assert all(torch.equal(a, b) for a, b in zip(two[:n], two[-3 * n:-2 * n]))
     assert float((two[n] - two[0]).abs().max()) > 1e-3  # the nudged output moved
     if nudging == "symmetric":  # -beta moves the output the other way

@@ -1,29 +1,20 @@
-"""Checking the learning rule: a BPTT baseline and the EP-versus-BPTT gradient check.
+"""The learning-rule check behind ``--check gdu``: EP's updates against BPTT's gradients.
 
-Both work for any network built on ``shared_fc_conv.EPNetwork`` (fc and conv alike): they use
-only ``initHidden``, ``input_drive``, ``forward``/``stepper``, ``computeGradient``,
-``binary_weights`` and ``biases``.
+The "gradient descent updates" property of Ernoult et al. 2019 ("Updates of Equilibrium Prop
+match gradients of Backprop Through Time in an RNN with static input"): on one batch, for
+k = 1..Kmax, the EP update after k nudged steps (from the free fixed point) is compared with
+the BPTT gradient of ``L`` truncated to the last k free steps, per layer, for weights and
+biases: cosine similarity and relative error ``||ep - bptt|| / ||bptt||``.  Written to
+``gdu.csv`` and ``gdu.png`` in a new run folder.  A diagnostic pair of columns repeats the
+comparison with the nudge passed through the slope of the output activation
+(``slope_target``): the seed's nudge ``beta (y - s[0])`` is added after the activation, so it
+also moves saturated output units, whose true gradient is zero; that is the one place where
+the seed's EP departs from EP's theory.
 
-* ``bptt_step(net, x, target, beta)``: the estimator behind ``--optim bptt``.  It runs the free
-  phase and writes into ``.grad`` the exact gradient of the loss
-  ``L = ||s[0] - y||^2 / 2`` (summed over the output units, averaged over the batch, the same
-  normalisation as EP's ``dW / (beta B)``), obtained by autograd through the last ``Kmax`` free
-  steps.  The binary optimizer and the bias SGD then use it exactly as they use EP's ``-dW``.
-
-* ``gdu_rows(net, x, target, beta, Kmax, nudging)`` / ``run_gdu_check(args, net, loader, argv)``:
-  the check behind ``--check gdu`` (the "gradient descent updates" property of Ernoult et al.
-  2019, "Updates of Equilibrium Prop match gradients of Backprop Through Time in an RNN with
-  static input").  On one batch, for k = 1..Kmax, the EP update after k nudged steps (from the
-  free fixed point) is compared with the BPTT gradient of ``L`` truncated to the last k free
-  steps, per layer, for weights and biases: cosine similarity and relative error
-  ``||ep - bptt|| / ||bptt||``.  Written to ``gdu.csv`` and ``gdu.png`` in a new run folder.
-  A diagnostic pair of columns repeats the comparison with the nudge passed through the slope
-  of the output activation (``slope_target``): the seed's nudge ``beta (y - s[0])`` is added
-  after the activation, so it also moves saturated output units, whose true gradient is zero;
-  that is the one place where the seed's EP departs from EP's theory.
-
-Sign convention: both sides are compared as loss gradients, i.e. as what ends up in ``.grad``
-(EP writes ``-dW``, the estimate of ``dL/dW``).
+It works for any ``EPNetwork`` through documented methods only: ``initHidden``,
+``input_drive``, ``relax``/``forward``, ``computeGradient``, ``weight_grads``, ``biases``,
+``output``.  Sign convention: both sides are compared as loss gradients, i.e. as what the
+estimators leave for ``updateWeights`` (EP's ``-dW``, the estimate of ``dL/dW``).
 """
 
 import math
@@ -32,77 +23,13 @@ import sys
 
 import torch
 
-import shared_fc_conv as sh
+from binary_ep.activations import output_slope
+from binary_ep.estimators import truncated_gradient
+from binary_ep.files import atomic_write
+from binary_ep.vocabulary import UserError
 
 GDU_COLUMNS = ["k", "layer", "quantity", "cosine", "rel_error", "cosine_slope_nudge",
                "rel_error_slope_nudge", "ep_norm", "bptt_norm", "beta", "nudging"]
-
-
-def _loss(net, s, target, batch):
-    """``||s[0] - y||^2 / 2`` summed over the output units, averaged over the batch."""
-    return 0.5 * (s[0] - target).pow(2).sum() / batch
-
-
-def _relax(net, s, drive, steps, target=None, beta=0.0):
-    """``steps`` free (or nudged) steps without graph; returns new tensors, ``s`` is untouched."""
-    if steps == 0:
-        return [v.clone() for v in s]
-    return net.forward([v.clone() for v in s], drive, steps, target, beta)
-
-
-def _truncated_gradient(net, x, s_start, target, steps):
-    """Gradient of ``L(s_T)`` w.r.t. every binary weight and bias, by autograd through ``steps``
-    free steps from ``s_start`` (treated as a constant).  Returns (grads, final states); the
-    graph is freed before returning, the states are detached."""
-    params = net.binary_weights() + net.biases()
-    with torch.enable_grad():
-        drive = net.input_drive(x)  # rebuilt with graph: the input weights and biases live here
-        s = net.forward([v.detach() for v in s_start], drive, steps)
-        loss = _loss(net, s, target, x.shape[0])
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-    return grads, [v.detach() for v in s]
-
-
-def bptt_step(net, x, target, beta=None):
-    """The ``--optim bptt`` estimator: free phase of ``T`` steps from ``initHidden``, the first
-    ``T - Kmax`` without graph, the last ``Kmax`` through autograd; the gradient of
-    ``L = ||s[0] - y||^2 / 2`` (batch mean) w.r.t. every binary weight and bias is written into
-    ``.grad``.  ``beta`` is unused (accepted so the signature matches ``ep_step``).  Returns the
-    detached free-phase states; no graph survives the call."""
-    T = net.args.T
-    K = min(net.args.Kmax, T)
-    with torch.no_grad():
-        drive = net.input_drive(x)
-        s = net.initHidden(x.shape[0])
-        if T - K:
-            s = net.forward(s, drive, T - K)
-        del drive
-    grads, s = _truncated_gradient(net, x, s, target, K)
-    for p, g in zip(net.binary_weights() + net.biases(), grads):
-        if p.grad is None or p.grad.shape != p.shape:
-            p.grad = g.detach()
-        else:
-            p.grad.copy_(g)
-    return s
-
-
-# ----------------------------------------------------------------------------------------------
-# The gradient-matching check
-# ----------------------------------------------------------------------------------------------
-def output_slope(s_out, activation):
-    """Slope ``rho'(a)`` of the output activation at the pre-activation ``a`` that produced the
-    output states ``s_out = rho(a)``, read off the states themselves (elementwise, same shape):
-    hardsigm: 1 inside (0, 1), 0 where saturated; sigm (slope-4 logistic): ``4 s (1 - s)``;
-    tanh clamped to [0, 1]: ``1 - s^2`` inside (0, 1), 0 where clamped."""
-    inside = ((s_out > 0) & (s_out < 1)).to(s_out.dtype)
-    if activation == "hardsigm":
-        return inside
-    if activation == "sigm":
-        return 4 * s_out * (1 - s_out)
-    if activation == "tanh":
-        return inside * (1 - s_out * s_out)
-    raise ValueError(f"unknown activation {activation!r}")
 
 
 def slope_target(net, s_free, target):
@@ -116,8 +43,9 @@ def slope_target(net, s_free, target):
     return s0 - output_slope(s0, net.activation) * (s0 - target)
 
 
-def _grads_of(params):
-    return [p.grad.detach().clone() for p in params]
+def _grads_of(net):
+    """The gradients the next ``updateWeights`` would use: weights (formed in full), then biases."""
+    return [g.detach().clone() for g in net.weight_grads()] + [b.grad.detach().clone() for b in net.biases()]
 
 
 def _compare(ep, bptt):
@@ -133,36 +61,35 @@ def _compare(ep, bptt):
 
 
 def free_trajectory_tail(net, x, Kmax):
-    """Free phase of ``T`` steps; returns (drive, states at steps T-Kmax, ..., T) (Kmax + 1 lists,
-    the last one is the free fixed point)."""
+    """Free phase of ``T`` steps; returns (drive, states at steps T-Kmax, ..., T (Kmax + 1 lists,
+    the last one is the free fixed point), the ``Phase`` of the last step)."""
     T = net.args.T
     with torch.no_grad():
         drive = net.input_drive(x)
-        s = _relax(net, net.initHidden(x.shape[0]), drive, T - Kmax)
-        tail = [s]
+        last = net.relax(net.initHidden(x.shape[0]), drive, T - Kmax)
+        tail = [last.states]
         for _ in range(Kmax):
-            s = _relax(net, s, drive, 1)
-            tail.append(s)
-    return drive, tail
+            last = net.relax(tail[-1], drive, 1)
+            tail.append(last.states)
+    return drive, tail, last
 
 
-def ep_updates(net, x, drive, s_free, target, beta, Kmax, nudging="one-sided"):
-    """EP's ``.grad`` (estimate of ``dL/dtheta``) after k = 1..Kmax nudged steps from the free
-    fixed point ``s_free``; one-sided: ``+beta``; symmetric: ``+beta`` and ``-beta`` phases.
+def ep_updates(net, x, drive, free, target, beta, Kmax, nudging="one-sided"):
+    """EP's estimate of ``dL/dtheta`` after k = 1..Kmax nudged steps from the free fixed point
+    (``free``, a ``Phase``); one-sided: ``+beta``; symmetric: ``+beta`` and ``-beta`` phases.
     Returns a list (over k) of lists (weights then biases, output layer first)."""
-    params = net.binary_weights() + net.biases()
     out = []
     with torch.no_grad():
-        s_plus = [v.clone() for v in s_free]
-        s_minus = [v.clone() for v in s_free] if nudging == "symmetric" else None
+        plus = minus = free
         for _ in range(Kmax):
-            s_plus = _relax(net, s_plus, drive, 1, target, beta)
-            if s_minus is None:
-                net.computeGradient(x, s_plus, s_free, beta)
+            plus = net.relax(plus.states, drive, 1, target, beta)
+            if nudging == "symmetric":
+                minus = net.relax(minus.states, drive, 1, target, -beta)
+                net.computeGradient(x, plus, minus, 2 * beta)
             else:
-                s_minus = _relax(net, s_minus, drive, 1, target, -beta)
-                net.computeGradient(x, s_plus, s_minus, 2 * beta)
-            out.append(_grads_of(params))
+                net.computeGradient(x, plus, free, beta)
+            out.append(_grads_of(net))
+        net.optW.zero_grad()  # no factor pair of the check stays pending
     return out
 
 
@@ -176,16 +103,15 @@ def gdu_rows(net, x, target, beta, Kmax, nudging="one-sided"):
     an EP estimate; the weights are not changed."""
     T = net.args.T
     if Kmax > T:
-        raise sh.UserError(f"the gradient check needs --Kmax ({Kmax}) <= --T ({T})")
-    drive, tail = free_trajectory_tail(net, x, Kmax)
-    s_free = tail[-1]
-    ep = ep_updates(net, x, drive, s_free, target, beta, Kmax, nudging)
-    ep_slope = ep_updates(net, x, drive, s_free, slope_target(net, s_free, target), beta, Kmax,
+        raise UserError(f"the gradient check needs --Kmax ({Kmax}) <= --T ({T})")
+    drive, tail, free = free_trajectory_tail(net, x, Kmax)
+    ep = ep_updates(net, x, drive, free, target, beta, Kmax, nudging)
+    ep_slope = ep_updates(net, x, drive, free, slope_target(net, free.states, target), beta, Kmax,
                           nudging)
     n = len(net.layer_names)
     rows = []
     for k in range(1, Kmax + 1):
-        bptt, _ = _truncated_gradient(net, x, tail[Kmax - k], target, k)
+        bptt, _ = truncated_gradient(net, x, tail[Kmax - k], target, k)
         for i, (e, e_slope, b) in enumerate(zip(ep[k - 1], ep_slope[k - 1], bptt)):
             cos, rel, ne, nb = _compare(e, b)
             cos_s, rel_s, _, _ = _compare(e_slope, b)
@@ -199,7 +125,7 @@ def gdu_rows(net, x, target, beta, Kmax, nudging="one-sided"):
 
 def free_phase_residual(net, x):
     """Largest change of any state in the last free step (0 at an exact fixed point)."""
-    _, tail = free_trajectory_tail(net, x, 1)
+    _, tail, _ = free_trajectory_tail(net, x, 1)
     return max(float((a - b).abs().max()) for a, b in zip(tail[1], tail[0]))
 
 
@@ -243,28 +169,24 @@ def plot_gdu(df, png, title=""):
 
     def write(tmp):
         fig.savefig(tmp, dpi=110, format="png")
-    sh.atomic_write(png, write)
+    atomic_write(png, write)
     plt.close(fig)
 
 
-def run_gdu_check(args, net, loader, argv):
-    """``--check gdu``: the table of ``gdu_rows`` on the first training batch, written as
-    ``gdu.csv`` and ``gdu.png`` in a new run folder (with ``Hyperparameters.txt``); prints the
-    final-step rows and the folder.  Returns 0.  With ``--resume PATH`` the network is the one
-    saved in ``PATH/checkpoint.pt`` (trained), otherwise the freshly initialised one; the run
-    ``PATH`` itself is not touched."""
+def run_gdu_check(args, net, loader, prepare, new_run_folder, trained=""):
+    """``--check gdu``: the table of ``gdu_rows`` on the first batch of ``loader`` (``prepare(net,
+    x)`` gives the network's input layout), written as ``gdu.csv`` and ``gdu.png`` in the folder
+    ``new_run_folder()`` makes once everything is computed; prints the final-step rows and the
+    folder.  ``trained`` says in the title and the summary which network this is (empty: the
+    freshly initialised one).  Returns 0."""
     import pandas as pd
 
     device = next(net.parameters()).device
-    trained = ""
-    if getattr(args, "resume", None):
-        epoch = sh.load_checkpoint(args.resume, net, {})
-        trained = f", network of run {os.path.basename(os.path.normpath(args.resume))} after epoch {epoch}"
     x, labels = next(iter(loader))
-    x = net.prepare(x.to(device))
+    x = prepare(net, x.to(device))
     target = net.target(labels.to(device))
     with torch.no_grad():
-        _, tail = free_trajectory_tail(net, x, 1)
+        _, tail, _ = free_trajectory_tail(net, x, 1)
         residual = max(float((a - b).abs().max()) for a, b in zip(tail[1], tail[0]))
         s0 = tail[-1][0]
         flat = output_slope(s0, net.activation) == 0
@@ -278,9 +200,8 @@ def run_gdu_check(args, net, loader, argv):
     df["saturated_outputs"] = saturated
     df["samples_with_saturated_error"] = saturated_err
     # everything is computed: only now touch the disk, so a failure leaves no half-made folder
-    path = sh.createPath(args)
-    sh.saveHyperparameters(path, args, argv)
-    sh.atomic_write(os.path.join(path, "gdu.csv"), lambda tmp: df.to_csv(tmp, index=False))
+    path = new_run_folder()
+    atomic_write(os.path.join(path, "gdu.csv"), lambda tmp: df.to_csv(tmp, index=False))
     archi = "fc " + "-".join(map(str, args.layersList))
     if args.archi == "conv":
         archi = (f"conv {'-'.join(map(str, reversed(args.convList)))} (kernel {args.kernelSize}, "

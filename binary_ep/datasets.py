@@ -1,0 +1,202 @@
+"""Data sets (DESIGN.md section 6): MNIST, Fashion-MNIST and CIFAR-10 through torchvision, and
+scikit-learn's 8x8 digits; a missing or damaged data set is one ``UserError`` sentence."""
+
+import gzip
+import math
+import os
+import shutil
+
+import numpy as np
+import torch
+
+from binary_ep.files import atomic_write
+from binary_ep.vocabulary import N_CLASSES, UserError
+
+
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.247, 0.243, 0.261)
+
+
+class TensorBatches:
+    """Mini-batches of an in-memory tensor data set, shuffled with a seeded generator."""
+
+    def __init__(self, x, y, batch_size, shuffle, generator=None):
+        self.x, self.y, self.batch_size, self.shuffle, self.generator = x, y, batch_size, shuffle, generator
+
+    def __len__(self):
+        return math.ceil(len(self.y) / self.batch_size)
+
+    def __iter__(self):
+        n = len(self.y)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else None
+        for i in range(0, n, self.batch_size):
+            if order is None:
+                yield self.x[i:i + self.batch_size], self.y[i:i + self.batch_size]
+            else:
+                idx = order[i:i + self.batch_size]
+                yield self.x[idx], self.y[idx]
+
+
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+               "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def _remove_new_dirs(before, root):
+    """Remove the empty folders a failed download created under ``root`` (but not ``root``'s
+    parents that existed before)."""
+    for dirpath, dirnames, filenames in sorted(os.walk(root), key=lambda t: -len(t[0])):
+        if dirpath not in before and not os.listdir(dirpath):
+            os.rmdir(dirpath)
+
+
+def _existing_dirs(root):
+    return {d for d, _, _ in os.walk(root)} if os.path.isdir(root) else set()
+
+
+def _check_data_dir(data_dir):
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise UserError(f"--dataDir {data_dir} is a file, not a folder; give a folder for the data sets")
+    probe = os.path.abspath(data_dir)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UserError(f"--dataDir {data_dir} cannot be created: {probe} is a file; give a folder "
+                        f"for the data sets")
+    if os.path.isdir(data_dir) and not os.access(data_dir, os.R_OK | os.X_OK):
+        raise UserError(f"--dataDir {data_dir} cannot be read; fix its permissions or choose another folder")
+
+
+def _first_line(e):
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _fashion_from_debian(raw):
+    """Unpack Debian's ``dataset-fashion-mnist`` files into torchvision's raw folder."""
+    if all(os.path.exists(os.path.join(raw, f)) for f in MNIST_FILES):
+        return
+    if not all(os.path.exists(os.path.join(DEBIAN_FASHION_MNIST, f + ".gz")) for f in MNIST_FILES):
+        return
+    os.makedirs(raw, exist_ok=True)
+    for f in MNIST_FILES:
+        dst = os.path.join(raw, f)
+        if not os.path.exists(dst):
+            def write(tmp, src=os.path.join(DEBIAN_FASHION_MNIST, f + ".gz")):
+                with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
+                    shutil.copyfileobj(fin, fout)
+            atomic_write(dst, write)
+
+
+def _load_mnist_like(dataset, data_dir):
+    """Images (N, 1, 28, 28) in [0, 1] and labels of MNIST or Fashion-MNIST, train and test."""
+    import torchvision
+    cls = torchvision.datasets.MNIST if dataset == "mnist" else torchvision.datasets.FashionMNIST
+    raw = os.path.join(data_dir, cls.__name__, "raw")
+    if dataset == "fashion_mnist":
+        try:
+            _fashion_from_debian(raw)
+        except OSError:
+            pass
+    before = _existing_dirs(data_dir)
+    parts = []
+    for train in (True, False):
+        try:
+            ds = cls(data_dir, train=train, download=True)
+        except PermissionError as e:
+            raise UserError(f"the {dataset} data set in {raw} cannot be read or stored ({e.strerror}: "
+                            f"{e.filename}); fix the permissions or choose another --dataDir") from None
+        except (RuntimeError, OSError) as e:
+            _remove_new_dirs(before, data_dir)
+            missing = [f for f in MNIST_FILES if not os.path.exists(os.path.join(raw, f))]
+            if not missing:
+                raise UserError(f"the {dataset} files in {raw} are truncated or corrupted "
+                                f"({_first_line(e)}); delete them so they download again, or "
+                                f"replace them") from None
+            where = (f"is not in {raw}" if len(missing) == len(MNIST_FILES) else
+                     f"is incomplete in {raw} (missing {', '.join(missing)})")
+            raise UserError(f"the {dataset} data set {where} and could not be downloaded "
+                            f"(no network?); put the files {', '.join(MNIST_FILES)} (or their .gz) "
+                            f"there") from None
+        except Exception as e:  # torchvision asserts on malformed IDX headers
+            raise UserError(f"the {dataset} files in {raw} are truncated or corrupted ({type(e).__name__}); "
+                            f"delete them so they download again, or replace them") from None
+        x, y = ds.data, ds.targets
+        if x.dim() != 3 or tuple(x.shape[1:]) != (28, 28) or len(x) != len(y) or len(y) == 0 \
+                or int(y.min()) < 0 or int(y.max()) >= N_CLASSES:
+            raise UserError(f"the {dataset} files in {raw} are truncated or corrupted (images "
+                            f"{tuple(x.shape)}, labels {tuple(y.shape)}); delete them so they "
+                            f"download again, or replace them")
+        parts.append((x.unsqueeze(1).to(torch.float32).div_(255.0), y.long()))
+    return parts
+
+
+def load_digits_split():
+    """scikit-learn's 8x8 digits as (N, 1, 8, 8) in [0, 1]; a fixed split: 1437 train, 360 test."""
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).div_(16.0).unsqueeze(1)
+    y = torch.tensor(d.target, dtype=torch.long)
+    order = torch.from_numpy(np.random.RandomState(0).permutation(len(y)))
+    x, y = x[order], y[order]
+    return [(x[360:], y[360:]), (x[:360], y[:360])]
+
+
+def cifar10_transforms(train):
+    """The seed's CIFAR-10 pipeline: (train) random flip and random 32 crop padded 4 (edge),
+    then normalisation with the usual per-channel mean/std."""
+    import torchvision.transforms as T
+    norm = [T.ToTensor(), T.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
+    if not train:
+        return T.Compose(norm)
+    return T.Compose([T.RandomHorizontalFlip(0.5), T.RandomCrop(32, padding=4, padding_mode="edge")] + norm)
+
+
+CIFAR10_FILES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
+                 "test_batch", "batches.meta")
+
+
+def _load_cifar10(data_dir, train):
+    import torchvision
+    folder = os.path.join(data_dir, "cifar-10-batches-py")
+    before = _existing_dirs(data_dir)
+    try:
+        return torchvision.datasets.CIFAR10(data_dir, train=train, download=True,
+                                            transform=cifar10_transforms(train))
+    except Exception as e:
+        _remove_new_dirs(before, data_dir)
+        if os.path.isdir(folder) and all(os.path.exists(os.path.join(folder, f)) for f in CIFAR10_FILES):
+            raise UserError(f"the cifar10 files in {folder} are truncated or corrupted "
+                            f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); delete them "
+                            f"so they download again") from None
+        raise UserError(f"the cifar10 data set is not in {folder} and could not be downloaded (no "
+                        f"network?); put cifar-10-python.tar.gz in {data_dir} or its files "
+                        f"{', '.join(CIFAR10_FILES)} in {folder}") from None
+
+
+def load_data(args, generator):
+    """Train and test loaders for ``args.dataset`` (first ``--trainSubset``/``--testSubset``
+    samples when given).  Batches are (x of shape (B, C, H, W), labels)."""
+    _check_data_dir(args.dataDir)
+    train_n, test_n = args.trainSubset, args.testSubset
+    if args.dataset == "cifar10":
+        from torch.utils.data import DataLoader, Subset
+        loaders = []
+        for train, n, bs in ((True, train_n, args.batchSize), (False, test_n, args.test_batchSize)):
+            ds = _load_cifar10(args.dataDir, train)
+            if n is not None:
+                ds = Subset(ds, range(min(n, len(ds))))
+            loaders.append(DataLoader(ds, batch_size=bs, shuffle=train, generator=generator if train else None,
+                                      num_workers=0))
+        return loaders
+    if args.dataset == "digits":
+        parts = load_digits_split()
+    else:
+        parts = _load_mnist_like(args.dataset, args.dataDir)
+    (xtr, ytr), (xte, yte) = parts
+    if train_n is not None:
+        xtr, ytr = xtr[:train_n], ytr[:train_n]
+    if test_n is not None:
+        xte, yte = xte[:test_n], yte[:test_n]
+    return (TensorBatches(xtr, ytr, args.batchSize, True, generator),
+            TensorBatches(xte, yte, args.test_batchSize, False))

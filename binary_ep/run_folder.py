@@ -1,0 +1,91 @@
+"""Run folders: ``<outDir>/DATA-0-<archi>-<dataset>/<date>/S-<n>``, ``Hyperparameters.txt`` and
+``results.csv`` (DESIGN.md section 7)."""
+
+import datetime
+import os
+import re
+import shutil
+
+import pandas as pd
+
+from binary_ep.files import atomic_write
+
+
+def run_root(out_dir, archi, dataset, date=None):
+    """The date folder ``<out_dir>/DATA-0-<archi>-<dataset>/<YYYY-MM-DD>`` (today by default)."""
+    date = date or datetime.date.today().isoformat()
+    return os.path.join(out_dir, f"DATA-0-{archi}-{dataset}", date)
+
+
+def create_run_folder(out_dir, archi, dataset, plot_src):
+    """Create ``<out_dir>/DATA-0-<archi>-<dataset>/<YYYY-MM-DD>/S-<n>`` (n = next free number, taken
+    atomically with ``mkdir``), copy the plotting script ``plot_src`` into the date folder (once),
+    return the S folder."""
+    date_folder = run_root(out_dir, archi, dataset)
+    os.makedirs(date_folder, exist_ok=True)
+    plot_dst = os.path.join(date_folder, "plotFunctions.py")
+    if not os.path.exists(plot_dst):
+        atomic_write(plot_dst, lambda tmp: shutil.copyfile(plot_src, tmp))
+    taken = [int(m.group(1)) for m in (re.fullmatch(r"S-(\d+)", d) for d in os.listdir(date_folder)) if m]
+    n = max(taken, default=0) + 1
+    while True:
+        path = os.path.join(date_folder, f"S-{n}")
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            n += 1
+
+
+def write_hyperparameters(path, args, argv):
+    """``Hyperparameters.txt``: the command line and every argument as given (lists in the order
+    typed, i.e. output layer first), one ``name: value`` per line."""
+    given = getattr(args, "given", vars(args))
+    lines = ["# Hyperparameters of this run, as given (per-layer lists: output layer first).",
+             "command: python main.py " + " ".join(argv)]
+    for key in sorted(given):
+        value = given[key]
+        if isinstance(value, (list, tuple)):
+            value = " ".join(str(v) for v in value)
+        lines.append(f"{key}: {value}")
+    text = "\n".join(lines) + "\n"
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_write(os.path.join(path, "Hyperparameters.txt"), write)
+
+
+def result_columns(layer_names):
+    """Columns of ``results.csv`` (index: ``epoch``, 1-based) for layers named ``layer_names``."""
+    return (["train_error", "test_error", "train_loss", "test_loss"]
+            + [f"flips_{n}" for n in layer_names] + [f"fliprate_{n}" for n in layer_names]
+            + [f"alpha_{n}" for n in layer_names] + ["epoch_seconds"])
+
+
+def init_results(path, layer_names):
+    """An empty results dataframe with the run's columns (or the existing ``results.csv``)."""
+    csv = os.path.join(path, "results.csv")
+    if os.path.exists(csv):
+        # pandas 3 reads floats back exactly by default (and deprecates the option)
+        exact = {} if int(pd.__version__.split(".")[0]) >= 3 else {"float_precision": "round_trip"}
+        return pd.read_csv(csv, index_col="epoch", **exact)
+    df = pd.DataFrame(columns=result_columns(layer_names), dtype=float)
+    df.index.name = "epoch"
+    return df
+
+
+def update_results(path, df, epoch, train, test, net, seconds):
+    """Add the row of ``epoch`` and rewrite ``results.csv`` atomically."""
+    row = {"train_error": train["train_error"], "test_error": test["test_error"],
+           "train_loss": train["train_loss"], "test_loss": test["test_loss"],
+           "epoch_seconds": seconds}
+    for name, n, size, alpha in zip(net.layer_names, train["flips"], net.n_weights, net.alphas()):
+        row[f"flips_{name}"] = n
+        row[f"fliprate_{name}"] = 100.0 * n / size
+        row[f"alpha_{name}"] = float(f"{alpha:.7g}")  # float32 precision: 0.0629, not 0.06289999932
+    df.loc[epoch] = [row[c] for c in df.columns]
+    atomic_write(os.path.join(path, "results.csv"), lambda tmp: df.to_csv(tmp, index_label="epoch"))
+    return df
+
+
