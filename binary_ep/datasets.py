@@ -1,13 +1,18 @@
 """Data sets (DESIGN.md section 6): MNIST, Fashion-MNIST and CIFAR-10 through torchvision, and
-scikit-learn's 8x8 digits; a missing or damaged data set is one ``UserError`` sentence."""
+scikit-learn's 8x8 digits; a missing or damaged data set is one ``UserError`` sentence.  CIFAR-10's
+training images are augmented per sample from (seed, epoch, index) (``CIFAR10Images``)."""
 
 import gzip
+import hashlib
 import math
 import os
 import shutil
+import signal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+import torch.utils.data
 
 from binary_ep.files import atomic_write
 from binary_ep.vocabulary import N_CLASSES, UserError
@@ -142,27 +147,81 @@ def load_digits_split():
     return [(x[360:], y[360:]), (x[:360], y[:360])]
 
 
-def cifar10_transforms(train):
-    """The seed's CIFAR-10 pipeline: (train) random flip and random 32 crop padded 4 (edge),
-    then normalisation with the usual per-channel mean/std."""
-    import torchvision.transforms as T
-    norm = [T.ToTensor(), T.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
-    if not train:
-        return T.Compose(norm)
-    return T.Compose([T.RandomHorizontalFlip(0.5), T.RandomCrop(32, padding=4, padding_mode="edge")] + norm)
-
-
 CIFAR10_FILES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
                  "test_batch", "batches.meta")
 
 
+def augmentation_seed(seed, epoch, index):
+    """The seed of the generator that augments sample ``index`` (of the full training set) in
+    ``epoch``: the first 8 bytes, little-endian, of BLAKE2b over the text ``"seed epoch index"``
+    (torch's CPU generator keeps the low 32 bits of it)."""
+    digest = hashlib.blake2b(f"{seed} {epoch} {index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+class CIFAR10Images(torch.utils.data.Dataset):
+    """CIFAR-10 images held as uint8 tensors (N, 3, 32, 32); item ``i`` is (image, label), the
+    image a (3, 32, 32) float32 tensor: pixels / 255, normalised per channel with CIFAR10_MEAN
+    and CIFAR10_STD.
+
+    With ``augment`` (training set) the image is augmented first, as the seed's torchvision
+    pipeline (RandomHorizontalFlip(0.5), then RandomCrop(32, padding=4, padding_mode="edge")),
+    but drawn from a generator of its own, seeded with ``augmentation_seed(seed, epoch, i)``:
+    one ``randint(0, 2, (1,))`` (1: mirror the columns), then ``randint(0, 9, (2,))`` (top, left);
+    the (mirrored) image is padded by 4 replicating its edges and cropped to rows top..top+31,
+    columns left..left+31.  A sample's augmentation thus depends only on (seed, epoch, i), not on
+    the worker process or the order samples are read, and torch's global RNG is never drawn.
+    ``i`` is the index into this (full) data set: a ``Subset`` of it passes its own indices.
+    ``epoch`` (default 1) is set before each pass (``AugmentedLoader.set_epoch``)."""
+
+    def __init__(self, images, labels, augment, seed):
+        self.images, self.labels, self.augment, self.seed, self.epoch = images, labels, augment, seed, 1
+        self.mean = torch.tensor(CIFAR10_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(CIFAR10_STD).view(3, 1, 1)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        x = self.images[i].to(torch.float32).div_(255.0)
+        if self.augment:
+            g = torch.Generator().manual_seed(augmentation_seed(self.seed, self.epoch, i))
+            flip = int(torch.randint(0, 2, (1,), generator=g))
+            top, left = torch.randint(0, 9, (2,), generator=g).tolist()
+            if flip:
+                x = x.flip(-1)
+            x = F.pad(x[None], (4, 4, 4, 4), mode="replicate")[0, :, top:top + 32, left:left + 32]
+        return (x - self.mean) / self.std, int(self.labels[i])
+
+
+class AugmentedLoader(torch.utils.data.DataLoader):
+    """A ``DataLoader`` whose ``set_epoch(epoch)`` selects the epoch of ``augmentation`` (a
+    ``CIFAR10Images`` that augments, the loader's data set or the one under its ``Subset``).  Worker
+    processes are started, with a copy of the data set, each time an iterator is made
+    (``persistent_workers=False``), so setting the epoch before the pass reaches them all."""
+
+    def __init__(self, augmentation, dataset, **kwargs):
+        super().__init__(dataset, **kwargs)
+        self.augmentation = augmentation
+
+    def set_epoch(self, epoch):
+        self.augmentation.epoch = epoch
+
+
+def _worker_signals(worker_id):
+    """In a loader worker: Ctrl-C / SIGTERM end it quietly (the main process's handlers, inherited
+    through fork, would print a traceback per worker); the main process shuts the workers down."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _load_cifar10(data_dir, train):
+    """Images (N, 3, 32, 32) uint8 and labels (N,) of CIFAR-10's train or test set."""
     import torchvision
     folder = os.path.join(data_dir, "cifar-10-batches-py")
     before = _existing_dirs(data_dir)
     try:
-        return torchvision.datasets.CIFAR10(data_dir, train=train, download=True,
-                                            transform=cifar10_transforms(train))
+        ds = torchvision.datasets.CIFAR10(data_dir, train=train, download=True)
     except Exception as e:
         _remove_new_dirs(before, data_dir)
         if os.path.isdir(folder) and all(os.path.exists(os.path.join(folder, f)) for f in CIFAR10_FILES):
@@ -172,22 +231,38 @@ def _load_cifar10(data_dir, train):
         raise UserError(f"the cifar10 data set is not in {folder} and could not be downloaded (no "
                         f"network?); put cifar-10-python.tar.gz in {data_dir} or its files "
                         f"{', '.join(CIFAR10_FILES)} in {folder}") from None
+    x, y = torch.from_numpy(ds.data), torch.tensor(ds.targets, dtype=torch.long)
+    if x.dim() != 4 or tuple(x.shape[1:]) != (32, 32, 3) or len(x) != len(y) or len(y) == 0 \
+            or int(y.min()) < 0 or int(y.max()) >= N_CLASSES:
+        raise UserError(f"the cifar10 files in {folder} are truncated or corrupted (images "
+                        f"{tuple(x.shape)}, labels {tuple(y.shape)}); delete them so they download again")
+    return x.permute(0, 3, 1, 2).contiguous(), y
 
 
-def load_data(args, generator):
+def load_data(args, generator, pin_memory=False):
     """Train and test loaders for ``args.dataset`` (first ``--trainSubset``/``--testSubset``
-    samples when given).  Batches are (x of shape (B, C, H, W), labels)."""
+    samples when given).  Batches are (x of shape (B, C, H, W), labels).
+
+    CIFAR-10: ``DataLoader``s with ``args.workers`` worker processes (0: the main process) and
+    ``pin_memory`` (give True when training on CUDA); the training set is shuffled by
+    ``generator`` and augmented per sample from ``args.seed`` (``CIFAR10Images``), so batches do
+    not depend on the number of workers; the train loader has ``set_epoch``.  The test loader
+    draws its iterators' (unused) worker base seed from a generator of its own, not from torch's
+    global RNG.  The in-memory data sets ignore ``pin_memory``."""
     _check_data_dir(args.dataDir)
     train_n, test_n = args.trainSubset, args.testSubset
     if args.dataset == "cifar10":
-        from torch.utils.data import DataLoader, Subset
         loaders = []
         for train, n, bs in ((True, train_n, args.batchSize), (False, test_n, args.test_batchSize)):
-            ds = _load_cifar10(args.dataDir, train)
-            if n is not None:
-                ds = Subset(ds, range(min(n, len(ds))))
-            loaders.append(DataLoader(ds, batch_size=bs, shuffle=train, generator=generator if train else None,
-                                      num_workers=0))
+            images = CIFAR10Images(*_load_cifar10(args.dataDir, train), augment=train, seed=args.seed)
+            ds = images if n is None else torch.utils.data.Subset(images, range(min(n, len(images))))
+            options = dict(batch_size=bs, shuffle=train, num_workers=args.workers, pin_memory=pin_memory,
+                           persistent_workers=False, worker_init_fn=_worker_signals if args.workers else None)
+            if train:
+                loaders.append(AugmentedLoader(images, ds, generator=generator, **options))
+            else:
+                loaders.append(torch.utils.data.DataLoader(ds, generator=torch.Generator().manual_seed(0),
+                                                           **options))
         return loaders
     if args.dataset == "digits":
         parts = load_digits_split()

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 import main
-import Network_conv as nc
 import Tools_conv
 from binary_ep import datasets, vocabulary
 from binary_ep.estimators import EP
@@ -101,17 +100,30 @@ def test_convolution_alpha_is_per_output_channel():
     convolutions, per layer for the classifier; the weights are alpha * sign."""
     args = digits_args()
     torch.manual_seed(0)
-    reference = [torch.nn.Conv2d(g.input[0], g.conv[0], 3, padding=1) for g in conv_geometry(args, (1, 8, 8))]
+    geometry = conv_geometry(args, (1, 8, 8))
+    reference = [torch.nn.Conv2d(g.input[0], g.conv[0], 3, padding=1) for g in geometry]
+    top = geometry[0].pool  # then the classifier, as Network_conv builds it: flat top -> 10
+    reference_fc = torch.nn.Linear(top[0] * top[1] * top[2], 10)
     torch.manual_seed(0)
     net = Network_conv(args)
-    for layer in net.conv:
+    assert len(reference) == len(net.conv) and net.layer_names == ["fc0", "conv0", "conv1"]
+    for layer, ref in zip(net.conv, reference):
         w = layer.weight.detach()
+        assert w.shape == ref.weight.shape
         per_channel = w.abs().flatten(1)
         assert torch.equal(per_channel, per_channel[:, :1].expand_as(per_channel))
-        assert torch.allclose(per_channel[:, 0] * 1e4, (per_channel[:, 0] * 1e4).round(), atol=1e-2)
+        alpha = per_channel[:, 0].double()
+        assert torch.allclose(alpha * 1e4, (alpha * 1e4).round(), rtol=0, atol=1e-2)  # 4 decimals
+        mean_abs = ref.weight.detach().abs().flatten(1).mean(1).double()  # per output channel
+        assert alpha.unique().numel() > 1  # channels differ: one alpha per channel, not per layer
+        assert torch.allclose(alpha, (mean_abs * 1e4).round() / 1e4, rtol=0, atol=1e-6), (alpha, mean_abs)
+        assert float((alpha - mean_abs).abs().max()) <= 0.5e-4 + 1e-6
+        # the signs are those of the default initialisation
+        assert torch.equal(torch.sign(w), torch.where(ref.weight.detach() >= 0, 1.0, -1.0))
     fc = net.fc[0].weight.detach().abs()
     assert torch.equal(fc, torch.full_like(fc, float(fc[0, 0])))
-    assert len(reference) == len(net.conv) and net.layer_names == ["fc0", "conv0", "conv1"]
+    assert fc.shape == reference_fc.weight.shape
+    assert float(fc[0, 0]) == pytest.approx(round(float(reference_fc.weight.detach().abs().mean()), 4), abs=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,45 +308,10 @@ def test_csv_columns_after_two_epochs(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # CIFAR-10
 # ----------------------------------------------------------------------------------------------
-def pil_batch(n, seed=0):
-    from PIL import Image
-    rng = np.random.RandomState(seed)
-    arrays = rng.randint(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
-    return arrays, [Image.fromarray(a) for a in arrays]
-
-
 def normalised(array):
     mean = torch.tensor(datasets.CIFAR10_MEAN).view(3, 1, 1)
     std = torch.tensor(datasets.CIFAR10_STD).view(3, 1, 1)
     return (torch.from_numpy(array).permute(2, 0, 1).float() / 255 - mean) / std
-
-
-def test_cifar10_transforms_on_a_synthetic_batch():
-    arrays, images = pil_batch(6)
-    test = datasets.cifar10_transforms(train=False)
-    for a, im in zip(arrays, images):
-        out = test(im)
-        assert out.shape == (3, 32, 32) and out.dtype == torch.float32
-        assert torch.allclose(out, normalised(a), atol=1e-5)
-    # train: a random 32x32 crop of the image edge-padded by 4, mirrored or not, then normalised
-    train = datasets.cifar10_transforms(train=True)
-    torch.manual_seed(0)
-    flips, offsets = set(), set()
-    for _ in range(40):
-        a = arrays[0]
-        out = train(images[0])
-        assert out.shape == (3, 32, 32)
-        padded = np.pad(a, ((4, 4), (4, 4), (0, 0)), mode="edge")
-        found = [(m, dy, dx) for m in (False, True) for dy in range(9) for dx in range(9)
-                 if torch.allclose(out, normalised(np.ascontiguousarray(
-                     (padded[:, ::-1] if m else padded)[dy:dy + 32, dx:dx + 32])), atol=1e-5)]
-        assert found, "not a flipped/unflipped crop of the edge-padded image"
-        flips.add(found[0][0])
-        offsets.add(found[0][1:])
-    assert flips == {False, True} and len(offsets) > 10
-    means = torch.stack([test(im) for im in images]).mean((0, 2, 3))
-    raw = torch.from_numpy(arrays).float().mean((0, 1, 2)) / 255
-    assert torch.allclose(means, (raw - torch.tensor(datasets.CIFAR10_MEAN)) / torch.tensor(datasets.CIFAR10_STD), atol=1e-4)
 
 
 def write_cifar10(root, n_per_batch=10, seed=0):
