@@ -263,14 +263,23 @@ DIGITS = ("--device -1 --archi fc --dataset digits --layersList 64 256 10 --T 20
 @pytest.mark.parametrize("activation", ["hardsigm", "sigm", "tanh"])
 def test_learns_digits_well_below_chance(activation, tmp_path):
     """Chance on 10 balanced classes is 90% error; a network that does not learn stays near it.
-    After 8 epochs the test error must be below 25% (hardsigm, the paper's activation, below 15%):
-    far outside what guessing or a constant output can give on 360 test digits."""
+    After 8 epochs the test error must be below 12% (hardsigm, the paper's activation, below
+    10%): far outside what guessing or a constant output can give on 360 test digits.  And the
+    network must have learnt during these epochs, not only in the first: the last epoch's train
+    loss must be below half of the first epoch's (the first epoch alone already reaches 8-22 %
+    test error, so a bound on the test error cannot tell).
+
+    Measured (seeds 0, 1, 2): final test error 4.4-4.7 % (hardsigm), 5.0-6.1 % (sigm),
+    5.3-6.9 % (tanh); final / first train loss 0.27-0.29 (hardsigm), 0.31-0.32 (sigm),
+    0.37-0.38 (tanh).  Seed 0, which runs here: 4.44 / 5.00 / 5.28 % and 0.285 / 0.313 / 0.385."""
     code = main.main(DIGITS.split() + ["--epochs", "8", "--outDir", str(tmp_path),
                                        "--activationFun", activation])
     assert code == 0
     import pandas as pd
     (csv,) = tmp_path.glob("DATA-0-fc-digits/*/S-1/results.csv")
     df = pd.read_csv(csv, index_col="epoch")
-    bound = 15.0 if activation == "hardsigm" else 25.0
+    assert list(df.index) == list(range(1, 9))
+    bound = 10.0 if activation == "hardsigm" else 12.0
     assert df["test_error"].iloc[-1] < bound, df["test_error"].tolist()
-    assert df["test_error"].iloc[-1] < df["test_error"].iloc[0] or df["test_error"].iloc[0] < bound
+    loss = df["train_loss"]
+    assert loss.iloc[-1] < 0.5 * loss.iloc[0], loss.tolist()

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 import main
+import Network_conv
+import Network_fc
 import Tools_fc
 from binary_ep import activations, datasets, network
 from binary_ep.activations import output_slope
@@ -48,16 +50,8 @@ def conv_args(T=60, Kmax=8, extra=""):
                        f"{extra}").split())[1]
 
 
-def conv_available():
-    try:
-        import Network_conv  # noqa: F401
-        return hasattr(Network_conv, "Network_conv")
-    except Exception:  # noqa: BLE001 - not written yet / broken: the conv cases are skipped
-        return False
-
-
-ARCHIS = ["fc", pytest.param("conv", marks=pytest.mark.skipif(not conv_available(),
-                                                              reason="Network_conv.py not available"))]
+ARCHIS = ["fc", "conv"]
+NETWORKS = {"fc": Network_fc.Network_fc, "conv": Network_conv.Network_conv}
 
 
 def build(archi, **kw):
@@ -65,6 +59,7 @@ def build(archi, **kw):
     args = fc_args(**kw) if archi == "fc" else conv_args(**kw)
     torch.manual_seed(0)
     net = main.build_network(args).double()
+    assert type(net) is NETWORKS[archi]
     (xtr, ytr), _ = datasets.load_digits_split()
     x = main.architecture(archi)[1].prepare_images(net, xtr[:32].double())
     return net, args, x, ytr[:32]
@@ -333,7 +328,7 @@ def test_check_gdu_writes_csv_and_png(nudging, tmp_path, capsys):
             f"--batchSize 16 --seed 0 --check gdu --nudging {nudging} --outDir {tmp_path}")
     assert main.main(argv.split()) == 0
     (folder,) = tmp_path.glob("DATA-0-fc-digits/*/S-1")
-    assert sorted(p.name for p in folder.iterdir()) == ["Hyperparameters.txt", "gdu.csv", "gdu.png"]
+    assert sorted(p.name for p in folder.iterdir()) == ["Hyperparameters.txt", "gdu.csv", "gdu.png", "run.lock"]
     df = pd.read_csv(folder / "gdu.csv")
     assert list(df.columns[:len(GDU_COLUMNS)]) == GDU_COLUMNS
     assert {"free_residual", "saturated_outputs", "samples_with_saturated_error"} <= set(df.columns)
