@@ -75,7 +75,8 @@ class Network_conv(EPNetwork):
     def __init__(self, args):
         """Convolutions from ``args.convList`` (top first), classifier from ``args.layersList``
         (input first, ending with the 10 outputs); PyTorch's default initialisation, then
-        binarised (alpha per output channel for convolutions, per layer for the classifier)."""
+        binarised (alpha per output channel for convolutions, per layer for the classifier).
+        Learnt alpha steps use the factor 1 of the original conv class (DESIGN.md section 5)."""
         super().__init__()
         self.geometry = conv_geometry(args, INPUT_SHAPE[args.dataset])
         self.padding, self.fpool = args.padding, args.Fpool
@@ -89,7 +90,7 @@ class Network_conv(EPNetwork):
         layers = list(self.fc) + list(self.conv)
         names = [f"fc{k}" for k in range(len(self.fc))] + [g.name for g in self.geometry]
         self._setup_optimizers(args, [l.weight for l in layers], [l.bias for l in layers], names,
-                               [False] * len(self.fc) + [True] * len(self.conv), alpha_scale=0.5)
+                               [False] * len(self.fc) + [True] * len(self.conv), alpha_scale=1.0)
 
     # -- shapes --------------------------------------------------------------------------------
     # Convolution states live in the channels-last memory layout (shape (B, C, H, W) as usual,
@@ -243,6 +244,14 @@ class Network_conv(EPNetwork):
                 zip(drive.pooled.tensor_split(n), drive.indices.tensor_split(n))]
 
     # -- learning ------------------------------------------------------------------------------
+    @staticmethod
+    def _last_indices(phase, i):
+        """The max-pool indices of convolution ``i`` in the last step of ``phase``."""
+        if "indices" not in phase.last_step:
+            raise ValueError("computeGradient needs the Phase of a relaxation of at least one step "
+                             "(its last step's max-pool indices)")
+        return phase.last_step["indices"][i]
+
     def computeGradient(self, x, plus, minus, beta_span):
         """Write the EP estimate of ``-dL/dW`` (negated, as ``.grad``) of every layer::
 
@@ -256,8 +265,10 @@ class Network_conv(EPNetwork):
         ``x`` is (B, C, H, W); corr is the correlation of
         the layer's input (the state below, or ``x`` for the bottom layer, whose unpooled
         difference makes it one correlation) with the unpooled state (a convolution's weight
-        gradient), U unpools with the indices each phase's states give; unpooling moves values
-        without changing their sum, hence the bias sums.
+        gradient), U unpools each phase's final states with the max-pool indices its last step
+        used (``Phase.last_step["indices"]``, computed from the states before that step, as the
+        original code does: they differ from the final states' own indices until the phase
+        converges); unpooling moves values without changing their sum, hence the bias sums.
         """
         s_plus, s_minus = plus.states, minus.states
         nf, nc = self.n_fc, len(self.conv)
@@ -273,14 +284,13 @@ class Network_conv(EPNetwork):
             w, p = layer.weight, self.padding
             if i + 1 < nc:
                 dw = None
-                for s in (s_plus, s_minus):
-                    below = s[nf + i + 1]
-                    _, ind = self._pool(F.conv2d(below, w, layer.bias, padding=p))
-                    corr = torch.nn.grad.conv2d_weight(below, w.shape, self._unpool(s[nf + i], ind, i), padding=p)
+                for phase in (plus, minus):
+                    below = phase.states[nf + i + 1]
+                    unpooled = self._unpool(phase.states[nf + i], self._last_indices(phase, i), i)
+                    corr = torch.nn.grad.conv2d_weight(below, w.shape, unpooled, padding=p)
                     dw = corr if dw is None else dw.sub_(corr)
-            else:
-                _, ind = self._pool(F.conv2d(x, w, layer.bias, padding=p))
-                diff = self._unpool(s_plus[nf + i] - s_minus[nf + i], ind, i)
+            else:  # the input's pool indices do not change: one correlation of the difference
+                diff = self._unpool(s_plus[nf + i] - s_minus[nf + i], self._last_indices(plus, i), i)
                 dw = torch.nn.grad.conv2d_weight(x, w.shape, diff, padding=p)
             layer.weight.grad = dw.contiguous().mul_(-c)
             layer.bias.grad = (s_plus[nf + i] - s_minus[nf + i]).sum((0, 2, 3)).mul_(-c)

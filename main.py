@@ -10,7 +10,6 @@ import importlib
 import math
 import os
 import random
-import re
 import shlex
 import shutil
 import sys
@@ -24,24 +23,12 @@ DEFAULT_LISTS_FC = {"layersList": [784, 4096, 10], "gamma": [1e-5, 1e-4],
 DEFAULT_LISTS_CONV = {"layersList": [10], "convList": [64, 32, 1], "gamma": [5e-8, 5e-8, 5e-8],
                       "gradThreshold": [1e-8, 1e-8, 1e-8], "lrBias": [0.025, 0.05, 0.1]}
 # flags whose value may change when a run is resumed (--check gdu: check the saved network)
-RESUME_FREE = {"resume", "epochs", "device", "dataDir", "outDir", "check"}
+RESUME_FREE = {"resume", "epochs", "device", "dataDir", "check", "workers", "export"}
 ORDER = "output layer first"
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: ``main.py: error: <what is wrong and how to fix it>``."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        # "-1e-6" is a negative value, not an option (argparse alone only knows "-1" and "-.5")
-        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see python main.py --help)\n")
-
-
 def build_parser():
-    from binary_ep.vocabulary import ACTIVATIONS, DATASETS
+    from binary_ep.vocabulary import ACTIVATIONS, DATASETS, Parser
     p = Parser(
         prog="main.py", description="Binary-weight Equilibrium Propagation (fc or conv networks). "
         "Per-layer lists (--gamma, --gradThreshold, --lrBias, --lrAlpha, ...) are ordered from the "
@@ -72,6 +59,8 @@ def build_parser():
                    help="gradient estimator fed to the binary optimizer (default ep)")
     a.add_argument("--check", choices=("none", "gdu"), default="none",
                    help="gdu: compare EP updates with BPTT gradients on one batch, then exit")
+    a.add_argument("--export", action="store_true", help="with --resume S-<n>: write the trained "
+                   "network as S-<n>/binary_model.npz (sign bits, alpha, biases; see README), then exit")
     a = p.add_argument_group("binary optimization (lists: " + ORDER + ")")
     a.add_argument("--gamma", type=float, nargs="+", help="low-pass filter constant per layer")
     a.add_argument("--gamma_classi", type=float, nargs="+", help="conv: gamma of the classifier layers")
@@ -91,6 +80,8 @@ def build_parser():
     a.add_argument("--trainSubset", type=int, help="use only the first N training samples")
     a.add_argument("--testSubset", type=int, help="use only the first N test samples")
     a.add_argument("--resume", metavar="PATH", help="continue the run in this S-X folder")
+    a.add_argument("--workers", type=int, default=2, help="data-loading worker processes for "
+                   "CIFAR-10's augmentation (default 2; 0: in the main process; may change on resume)")
     a = p.add_argument_group("scaling factors")
     a.add_argument("--learnAlpha", type=int, choices=(0, 1), default=0, help="1: learn alpha (default 0)")
     a.add_argument("--lrAlpha", type=float, nargs="*", help="learning rate of each alpha (" + ORDER + ")")
@@ -99,26 +90,13 @@ def build_parser():
     return p
 
 
-def fix_seed_spelling(argv, parser):
-    """Accept the seed's ``-- layersList`` (a space after ``--``) as ``--layersList``."""
-    names = {a.dest for a in parser._actions}
-    out, i = [], 0
-    while i < len(argv):
-        if argv[i] == "--" and i + 1 < len(argv) and argv[i + 1] in names:
-            out.append("--" + argv[i + 1])
-            i += 2
-        else:
-            out.append(argv[i])
-            i += 1
-    return out
-
-
 def explicit_flags(argv):
-    """Names (dest) of the flags given in ``argv``, abbreviations and ``--flag=value`` resolved."""
+    """The flags given in ``argv`` and their values as typed: ``{dest: value}``, abbreviations
+    and ``--flag=value`` resolved (a repeated flag: its last value)."""
     quiet = build_parser()
     for action in quiet._actions:
         action.default = argparse.SUPPRESS
-    return set(vars(quiet.parse_args(argv)))
+    return vars(quiet.parse_args(argv))
 
 
 def _n_layers(args):
@@ -187,6 +165,8 @@ def validate(parser, args):
                 "test_batchSize": args.test_batchSize, "epochs": args.epochs,
                 "kernelSize": args.kernelSize, "Fpool": args.Fpool,
                 "epochDecayLrAlpha": args.epochDecayLrAlpha}
+    if args.workers < 0:
+        parser.error(f"--workers must be 0 or more, got {args.workers}")
     for opt in ("trainSubset", "testSubset"):
         if getattr(args, opt) is not None:
             positive[opt] = getattr(args, opt)
@@ -260,16 +240,20 @@ def select_device(parser, index):
 
 def parse(argv):
     """argv -> (parser, args, normalised argv); exits with a one-line error on bad input."""
+    from binary_ep.vocabulary import fix_seed_spelling
     parser = build_parser()
     argv = fix_seed_spelling(list(argv), parser)
     args = parser.parse_args(argv)
     given = explicit_flags(argv)
+    if args.export and not args.resume:
+        parser.error("--export writes the network of a finished epoch: give the run with --resume S-<n>")
     if args.resume:
         from binary_ep.resume import resumed_args
-        args = resumed_args(parser, args, given, RESUME_FREE)
+        args = resumed_args(parser, args, given, RESUME_FREE, normalise)
         return parser, args, argv
     normalise(parser, args, given)
     validate(parser, args)
+    args.given = given
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(2 ** 31)
     return parser, args, argv
@@ -302,22 +286,6 @@ def plot_run(path):
               f"plotFunctions.py of its date folder", file=sys.stderr)
 
 
-def run_check(args, argv, net, tools, train_loader, generators):
-    """``--check gdu`` on the first training batch (of the run ``--resume`` names, trained)."""
-    from binary_ep.checkpoint import load_checkpoint
-    from binary_ep.gdu_check import run_gdu_check
-    trained = ""
-    if args.resume:
-        epoch = load_checkpoint(args.resume, net, {})
-        trained = f", network of run {os.path.basename(os.path.normpath(args.resume))} after epoch {epoch}"
-
-    def new_run_folder():
-        path = tools.createPath(args)
-        tools.saveHyperparameters(path, args, argv)
-        return path
-    return run_gdu_check(args, net, train_loader, tools.prepare_images, new_run_folder, trained)
-
-
 def run(args, argv, parser):
     """Train (or check) the run ``args`` describes; returns the exit code."""
     import time
@@ -331,34 +299,41 @@ def run(args, argv, parser):
     from binary_ep.estimators import make_estimator
     from binary_ep.loops import Diverged
     _, tools = architecture(args.archi)
+    if args.export:
+        from binary_ep.export import export_run
+        return export_run(args.resume, build_network(args))
     device = select_device(parser, args.device)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed % 2 ** 32)
     generators = {"data": torch.Generator().manual_seed(args.seed),
                   "beta": torch.Generator().manual_seed(args.seed + 1)}
-    train_loader, test_loader = load_data(args, generators["data"])
+    train_loader, test_loader = load_data(args, generators["data"], pin_memory=device.type == "cuda")
     net = build_network(args).to(device)
     if args.check == "gdu":
-        return run_check(args, argv, net, tools, train_loader, generators)
+        from binary_ep.gdu_check import check_command
+        return check_command(args, argv, net, tools, train_loader)
     estimator = make_estimator(args, generators["beta"])
     path, done, epoch = None, 0, 1
     try:
         if args.resume:
             path = args.resume
-            done = checkpoint.load_checkpoint(path, net, generators)
-            if done >= args.epochs:
-                print(f"{path} already has its {done} epochs; nothing to do (raise --epochs to train "
-                      f"longer)", file=sys.stderr)
-                return 0
-            df = resume.resumed_dataframe(path, lambda: tools.initDataframe(path, net),
-                                          run_folder.result_columns(net.layer_names), done)
+            for attempt in ("check", "locked"):  # checked before the lock touches the folder,
+                done = checkpoint.load_checkpoint(path, net, generators)  # then read under it
+                if done >= args.epochs:
+                    print(f"{path} already has its {done} epochs; nothing to do (raise --epochs to "
+                          f"train longer)", file=sys.stderr)
+                    return 0
+                df = resume.resumed_dataframe(path, lambda: tools.initDataframe(path, net),
+                                              run_folder.result_columns(net.layer_names), done)
+                files.lock_run_folder(path)
             with signals.critical():
                 files.remove_stale_temporaries(path)
-                resume.note_resume(path, done, argv)
+                run_folder.note_resume(path, done, argv)
             print(f"resuming {path} after epoch {done}", file=sys.stderr)
         else:
             with signals.critical():
                 path = tools.createPath(args)
+                files.lock_run_folder(path)
                 tools.saveHyperparameters(path, args, argv)
             df = tools.initDataframe(path, net)
         print(f"run folder: {path}", file=sys.stderr)
@@ -370,10 +345,10 @@ def run(args, argv, parser):
             train = tools.train_bin(net, train_loader, epoch, estimator)
             test = tools.test_bin(net, test_loader, epoch)
             seconds = time.perf_counter() - start
-            with signals.critical():
-                df = tools.updateDataframe(path, df, epoch, train, test, net, seconds)
+            with files.all_or_nothing():  # results.csv and checkpoint.pt change together
+                new_df = tools.updateDataframe(path, df.copy(), epoch, train, test, net, seconds)
                 checkpoint.save_checkpoint(path, net, epoch, args, generators)
-                done = epoch
+            df, done = new_df, epoch
             tqdm.write(f"epoch {epoch}/{args.epochs}: train error {train['train_error']:.2f}% "
                        f"test error {test['test_error']:.2f}% train loss {train['train_loss']:.4f} "
                        f"test loss {test['test_loss']:.4f} flips {sum(train['flips']):.0f} "
@@ -396,6 +371,17 @@ def run(args, argv, parser):
         print(f"interrupted ({e}) {when}; {kept}; continue with: python main.py --resume "
               f"{shlex.quote(str(path))}", file=sys.stderr)
         return code
+    except files.WriteFailed as e:
+        if done == 0:
+            if path is not None:
+                shutil.rmtree(path, ignore_errors=True)
+            print(f"main.py: error: {e}; nothing was saved; free space or choose another --outDir",
+                  file=sys.stderr)
+        else:
+            kept = f"epochs 1-{done} are intact" if done > 1 else f"epoch {done} is intact"
+            print(f"main.py: error: {e}; {kept}; free space, then continue with: python main.py "
+                  f"--resume {shlex.quote(str(path))}", file=sys.stderr)
+        return 4
     except Diverged as e:
         if done:
             plot_run(path)
@@ -409,11 +395,14 @@ def run(args, argv, parser):
 
 
 def main(argv=None):
-    """Exit codes: 0 done, 2 bad arguments or data, 3 diverged, 130/143 interrupted (SIGINT/SIGTERM)."""
+    """Exit codes: 0 done, 2 bad arguments or data, 3 diverged, 4 a run file could not be written
+    (full disk, quota, I/O error), 5 the run folder is in use by another process, 130/143
+    interrupted (SIGINT/SIGTERM)."""
     argv = sys.argv[1:] if argv is None else argv
     try:  # Ctrl-C while the libraries load: still one line, no traceback
         parser, args, argv = parse(argv)
-        from binary_ep import signals
+        from binary_ep import files, signals
+        from binary_ep.numpy_reference import ExportError
         from binary_ep.vocabulary import UserError
     except KeyboardInterrupt:
         print("interrupted (SIGINT) while starting; nothing was saved", file=sys.stderr)
@@ -424,10 +413,20 @@ def main(argv=None):
     except UserError as e:
         print(f"main.py: error: {e}", file=sys.stderr)
         return 2
+    except files.WriteFailed as e:  # before training started (a --check folder, say)
+        print(f"main.py: error: {e}; free space or choose another --outDir", file=sys.stderr)
+        return 4
+    except files.FolderInUse as e:
+        print(f"main.py: error: {e}", file=sys.stderr)
+        return 5
+    except ExportError as e:  # weights that are not +-alpha
+        print(f"main.py: error: {e}", file=sys.stderr)
+        return 2
     except signals.Interrupted as e:  # before training started: nothing was written
         print(f"interrupted ({e}) before training started; nothing was saved", file=sys.stderr)
         return 128 + e.signum
     finally:
+        files.release_run_folders()
         signals.restore_signal_handlers(previous)
 
 

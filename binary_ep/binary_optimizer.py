@@ -115,7 +115,7 @@ class BinaryFlip(torch.optim.Optimizer):
             m = state["filtered_grad"]
             per_channel, lr_alpha = group["per_channel"], group["lr_alpha"]
             alpha = current_alpha(w, per_channel)
-            limit = alpha * group["threshold"] if per_channel else float(alpha) * group["threshold"]
+            limit = alpha * group["threshold"]  # a tensor: no wait for the device
             rows = self._block_rows(w)
             starts = list(range(0, w.shape[0], rows))
             streams = 1

@@ -222,3 +222,23 @@ def run_gdu_check(args, net, loader, prepare, new_run_folder, trained=""):
     print(f"gdu.csv and gdu.png in: {path}")
     sys.stdout.flush()
     return 0
+
+
+def check_command(args, argv, net, tools, loader):
+    """``--check gdu`` as ``main.py`` runs it: on the first batch of ``loader``, the network of
+    the run ``--resume`` names (trained) or a fresh one; the new run folder is made, locked and
+    described by the architecture's ``tools`` (its ``createPath``, ``saveHyperparameters`` and
+    ``prepare_images``).  Returns 0."""
+    from binary_ep.checkpoint import load_checkpoint
+    from binary_ep.files import lock_run_folder
+    trained = ""
+    if args.resume:
+        epoch = load_checkpoint(args.resume, net, {})
+        trained = f", network of run {os.path.basename(os.path.normpath(args.resume))} after epoch {epoch}"
+
+    def new_run_folder():
+        path = tools.createPath(args)
+        lock_run_folder(path)
+        tools.saveHyperparameters(path, args, argv)
+        return path
+    return run_gdu_check(args, net, loader, tools.prepare_images, new_run_folder, trained)

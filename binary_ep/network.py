@@ -184,18 +184,31 @@ class EPNetwork(nn.Module):
         """Output states as (batch, 10)."""
         return s[0]
 
-    def check_finite(self, s):
-        """Name the first non-finite quantity (states, biases, alpha) or a non-positive alpha."""
-        for k, v in enumerate(s):
-            if not bool(torch.isfinite(v).all()):
-                return f"a NaN or infinity appeared in the states of layer {k} (0 = output)"
+    def health(self, s):
+        """Flags (a bool tensor on the network's device, read by the caller once per batch) of
+        every check ``problem`` names: the states of each layer finite, then per layer its biases
+        finite, its alpha finite, its alpha (and a learnt alpha of the last step) positive."""
+        flags = [torch.isfinite(v).all() for v in s]
         for i, (g, b) in enumerate(zip(self.optW.param_groups, self.biases())):
-            if not bool(torch.isfinite(b).all()):
-                return f"a NaN or infinity appeared in the biases of layer {g['name']}"
             a = current_alpha(g["params"][0], g["per_channel"])
-            if not bool(torch.isfinite(a).all()):
-                return f"a NaN or infinity appeared in alpha of layer {g['name']}"
+            positive = (a > 0).all()
             learnt = self.optW.learnt_alpha.get(i)
-            if not bool((a > 0).all()) or (learnt is not None and not bool((learnt > 0).all())):
+            if learnt is not None:
+                positive = positive & (learnt > 0).all()
+            flags += [torch.isfinite(b).all(), torch.isfinite(a).all(), positive]
+        return torch.stack(flags)
+
+    def problem(self, flags, n_states):
+        """The first failed check of ``health``'s ``flags`` (a list of bools) in words, or None."""
+        for k in range(n_states):
+            if not flags[k]:
+                return f"a NaN or infinity appeared in the states of layer {k} (0 = output)"
+        for i, g in enumerate(self.optW.param_groups):
+            bias_ok, alpha_ok, positive = flags[n_states + 3 * i:n_states + 3 * i + 3]
+            if not bias_ok:
+                return f"a NaN or infinity appeared in the biases of layer {g['name']}"
+            if not alpha_ok:
+                return f"a NaN or infinity appeared in alpha of layer {g['name']}"
+            if not positive:
                 return f"alpha of layer {g['name']} reached zero or below"
         return None

@@ -4,6 +4,7 @@
 import datetime
 import os
 import re
+import shlex
 import shutil
 
 import pandas as pd
@@ -37,23 +38,53 @@ def create_run_folder(out_dir, archi, dataset, plot_src):
             n += 1
 
 
+GIVEN_SECTION = "[arguments as given]"
+EFFECTIVE_SECTION = "[effective values]"
+
+
+def _value(value):
+    return " ".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+
+
+def command_line(args, argv):
+    """The shell-quoted command that re-runs ``argv`` (a drawn seed included), as one string."""
+    seed = [] if "seed" in args.given else ["--seed", str(args.seed)]
+    return shlex.join(["python", "main.py"] + list(argv) + seed)
+
+
 def write_hyperparameters(path, args, argv):
-    """``Hyperparameters.txt``: the command line and every argument as given (lists in the order
-    typed, i.e. output layer first), one ``name: value`` per line."""
-    given = getattr(args, "given", vars(args))
-    lines = ["# Hyperparameters of this run, as given (per-layer lists: output layer first).",
-             "command: python main.py " + " ".join(argv)]
-    for key in sorted(given):
-        value = given[key]
-        if isinstance(value, (list, tuple)):
-            value = " ".join(str(v) for v in value)
-        lines.append(f"{key}: {value}")
+    """``Hyperparameters.txt``: a shell-quoted ``command:`` line that re-parses to the same
+    arguments (a drawn ``--seed`` included), the section ``[arguments as given]`` (the flags as
+    typed, lists in the order typed: output layer first) and the section ``[effective values]``
+    (every argument as the run used it: defaults filled in, lists completed), one
+    ``name: value`` per line.  ``resumed after epoch N: ...`` lines are added under the command."""
+    lines = ["# Hyperparameters of this run (per-layer lists: output layer first).",
+             "command: " + command_line(args, argv), "", GIVEN_SECTION]
+    lines += [f"{key}: {_value(value)}" for key, value in sorted(args.given.items())]
+    lines += ["", EFFECTIVE_SECTION]
+    lines += [f"{key}: {_value(value)}" for key, value in sorted(vars(args).items()) if key != "given"]
     text = "\n".join(lines) + "\n"
 
     def write(tmp):
         with open(tmp, "w") as f:
             f.write(text)
     atomic_write(os.path.join(path, "Hyperparameters.txt"), write)
+
+
+def note_resume(path, done, argv):
+    """Add ``resumed after epoch <done>: <command>`` under the command lines of the run's
+    ``Hyperparameters.txt`` (the sections below stay as they were)."""
+    hp = os.path.join(path, "Hyperparameters.txt")
+    with open(hp) as f:
+        text = f.read()
+    line = f"resumed after epoch {done}: {shlex.join(['python', 'main.py'] + list(argv))}\n"
+    head, blank, rest = text.partition("\n\n")
+    text = head + "\n" + line + blank[1:] + rest if blank else text + ("" if text.endswith("\n") else "\n") + line
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_write(hp, write)
 
 
 def result_columns(layer_names):

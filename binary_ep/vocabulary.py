@@ -1,8 +1,10 @@
-"""What the command line is checked against, importable without torch (so that ``--help`` and
-most bad invocations answer at once): the data sets, activations and image sizes, and the
-convolution geometry of DESIGN.md section 5 (``conv_geometry``), with ``UserError``, the one-line
-error a user can fix."""
+"""The command-line vocabulary, importable without torch (so that ``--help`` and most bad
+invocations answer at once): the data sets, activations and image sizes, the convolution
+geometry of DESIGN.md section 5 (``conv_geometry``), ``UserError`` (the one-line error a user can
+fix), the argparse ``Parser`` with one-line errors and the seed's ``-- layersList`` spelling."""
 
+import argparse
+import re
 from collections import namedtuple
 
 ACTIVATIONS = ("hardsigm", "sigm", "tanh")
@@ -69,3 +71,29 @@ def conv_geometry(args, input_shape):
                         f"{_ordinal(bad + 1)} convolution from the input, {layers[bad][0][0]}->{conv[0]} "
                         f"channels) shrinks to {size} after {stage}; {advice}")
     return [LayerGeometry(f"conv{n}", *layers[len(layers) - 1 - n]) for n in range(len(layers))]
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``main.py: error: <what is wrong and how to fix it>``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # "-1e-6" is a negative value, not an option (argparse alone only knows "-1" and "-.5")
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see python main.py --help)\n")
+
+
+def fix_seed_spelling(argv, parser):
+    """Accept the seed's ``-- layersList`` (a space after ``--``) as ``--layersList``."""
+    names = {a.dest for a in parser._actions}
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--" and i + 1 < len(argv) and argv[i + 1] in names:
+            out.append("--" + argv[i + 1])
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out

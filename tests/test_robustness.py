@@ -7,6 +7,7 @@ internals are patched (planted NaN) or that only need the same code path run in-
 """
 
 import concurrent.futures
+import errno
 import json
 import os
 import signal
@@ -41,7 +42,8 @@ CONV = ("--device -1 --archi conv --dataset digits --layersList 10 --convList 8 
         "--decayLrAlpha 2 --epochDecayLrAlpha 3 --batchSize 16 --test_batchSize 200 --trainSubset 256 "
         "--testSubset 200 --seed 7").split()
 # epochs of about a second on one core, so that a signal sent after epoch 1 lands mid-epoch
-SLOW = ("--device -1 --archi fc --dataset digits --layersList 64 256 10 --T 24 --Kmax 8 --beta 0.5 "
+# (T 200: an epoch lasts about a second on one thread, long enough for a signal to land inside it)
+SLOW = ("--device -1 --archi fc --dataset digits --layersList 64 256 10 --T 200 --Kmax 8 --beta 0.5 "
         "--random_beta 1 --gamma 0.05 0.05 --gradThreshold 1e-4 1e-4 --lrBias 0.05 0.1 --batchSize 16 "
         "--test_batchSize 360 --seed 3 --epochs 3").split()
 # quick and valid: the base of the bad invocations
@@ -214,8 +216,6 @@ def test_resume_is_bit_for_bit_fc(tmp_path):
 
 
 def test_resume_is_bit_for_bit_conv(tmp_path):
-    if not os.path.exists(os.path.join(ROOT, "Network_conv.py")):
-        pytest.skip("Network_conv.py is not there yet")
     check_resume_bit_for_bit(tmp_path, CONV)
 
 
@@ -268,7 +268,11 @@ def test_resume_flags_that_conflict_are_named(tmp_path, capsys):
     # flags equal to the saved ones are accepted, --epochs may be raised (--flag=value too)
     assert main.main(["--resume", str(run), "--beta", "0.5", "--seed", "1", "--epochs=3"]) == 0
     assert checkpoint(run)["epoch"] == 3
-    assert before["Hyperparameters.txt"] in (run / "Hyperparameters.txt").read_bytes()
+    # the file is as first written, with one line under the command naming the resume
+    lines = (run / "Hyperparameters.txt").read_bytes().splitlines(keepends=True)
+    assert b"".join(line for line in lines if not line.startswith(b"resumed after epoch 2: ")) == \
+        before["Hyperparameters.txt"]
+    assert lines[2].startswith(b"resumed after epoch 2: python main.py --resume ")
     # nothing left to do: a clear line, exit 0, nothing touched
     before = {p.name: p.read_bytes() for p in run.iterdir()}
     capsys.readouterr()
@@ -376,9 +380,10 @@ def test_atomic_write_never_leaves_a_partial_file(tmp_path):
     def crash(tmp):
         with open(tmp, "w") as f:
             f.write("new,half")
-        raise OSError("disk full")
-    with pytest.raises(OSError):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(files.WriteFailed) as e:  # one sentence, the cause in words
         files.atomic_write(str(target), crash)
+    assert str(e.value) == f"cannot write results.csv in {tmp_path}: no space left on the device"
     assert target.read_text() == "old,complete\n" and os.listdir(tmp_path) == ["results.csv"]
 
     # a signal that arrives while a file is written is held back until the file is complete
@@ -503,7 +508,8 @@ def test_six_parallel_runs_get_six_complete_folders(tmp_path):
         named[line.split(": ", 1)[1]] = int(name[4:])
     assert sorted(named) == sorted(str(r) for r in runs)
     for run in runs:
-        hp = dict(line.split(": ", 1) for line in (run / "Hyperparameters.txt").read_text().splitlines()[2:])
+        text = (run / "Hyperparameters.txt").read_text().splitlines()
+        hp = dict(line.split(": ", 1) for line in text[text.index("[effective values]") + 1:])
         ckpt = checkpoint(run)
         assert int(hp["seed"]) == ckpt["args"]["seed"] == named[str(run)]  # its own files only
         assert ckpt["epoch"] == 2
@@ -607,12 +613,11 @@ def bad_invocations(tmp_path):
         ("data_dir_under_a_file", ["--dataDir", a_file / "data"], ["--dataDir", "a_file.txt is a file"]),
         ("out_dir_is_a_file", ["--outDir", a_file], ["--outDir", "not a folder"]),
         ("out_dir_under_a_file", ["--outDir", a_file / "runs"], ["--outDir", "not a folder"]),
+        ("conv_too_small", ["--archi", "conv", "--layersList", "10", "--convList", "8", "4", "1",
+                            "--kernelSize", "5", "--padding", "0", "--Fpool", "2", "--gamma",
+                            "0.1", "0.1", "0.1", "--gradThreshold", "0", "0", "0", "--lrBias",
+                            "0.1", "0.1", "0.1"], ["--padding"]),
     ]
-    if os.path.exists(os.path.join(ROOT, "Network_conv.py")):
-        cases.append(("conv_too_small", ["--archi", "conv", "--layersList", "10", "--convList", "8", "4", "1",
-                                         "--kernelSize", "5", "--padding", "0", "--Fpool", "2", "--gamma",
-                                         "0.1", "0.1", "0.1", "--gradThreshold", "0", "0", "0", "--lrBias",
-                                         "0.1", "0.1", "0.1"], ["--padding"]))
     if os.geteuid() != 0:  # root may write and read anywhere
         locked = tmp_path / "locked"
         locked.mkdir()
@@ -696,7 +701,7 @@ def test_bad_invocations_fail_cleanly_and_create_nothing(tmp_path):
         out = tmp_path / "out" / name
         out.mkdir(parents=True)
         argv = [str(a) for a in argv]
-        if "--outDir" not in argv:
+        if "--outDir" not in argv and "--resume" not in argv:  # a resumed run keeps its folder
             argv += ["--outDir", str(out)]
         argvs[name], outs[name] = argv, out
         keeps[name] = {str(k): snapshot(k) for k in keep}
