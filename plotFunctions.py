@@ -1,20 +1,53 @@
-"""Plot the training curves of binary-weight EP runs (pandas + matplotlib only).
+"""Plot and summarise binary-weight EP runs (standard library, pandas and matplotlib only).
 
-A copy of this file sits in every date folder ``DATA-0-<archi>-<dataset>/<YYYY-MM-DD>/``.
-Run it there, with no argument (or give a date folder)::
+A copy of this file sits in every date folder ``DATA-0-<archi>-<dataset>/<YYYY-MM-DD>/``::
 
-    python plotFunctions.py [FOLDER]
+    python plotFunctions.py            # the runs S-<n> beside this file; files written here
+    python plotFunctions.py DIR...     # the runs in (or given as) each DIR; files written in the
+                                       # current folder, runs named <date folder>/S-<n>
 
-For every ``S-<n>`` run in the folder it draws, inside that run folder, ``errors.png``,
-``losses.png``, ``fliprates.png`` and ``alpha.png``; in the folder itself it draws the same four
-figures with every run and the mean +/- std across runs (``summary_*.png``).  It reads only the
-runs' ``results.csv`` files, so edit your copy freely.
+A DIR is a date folder holding ``S-<n>`` runs or one ``S-<n>`` folder.  For every run this draws,
+inside the run folder, ``errors.png``, ``losses.png``, ``fliprates.png`` and ``alpha.png``.  In the
+output folder it draws ``summary_*.png`` (the same four figures: every run and the mean +/- std of
+all runs), then groups the runs by their effective hyperparameters and writes one
+``group_<i>_errors.png`` per group (mean test and train error +/- std, each run faint behind),
+``summary.csv`` and ``summary.md`` (the Markdown table that it also prints).  It reads only each
+run's ``results.csv``, ``Hyperparameters.txt`` and ``run.lock``, so edit your copy freely.
+
+Groups.  Two runs are in one group when their effective values (``[effective values]`` of
+``Hyperparameters.txt``: every argument, defaults filled in; in older files without sections, the
+``key: value`` lines) are equal, leaving out ``SAME_GROUP`` (seed, outDir, dataDir, resume, device,
+epochs, workers, check, export).  Groups are numbered in the order of their first run.
+
+Run status.  ``running``: another process holds the ``flock`` of its ``run.lock``.  ``interrupted``:
+not running and fewer rows in ``results.csv`` than the epochs it asked for (``epochs``, or the
+``--epochs`` of its last resuming command).  ``done`` otherwise.  Unfinished runs count with the
+epochs they have.  Runs without a ``results.csv`` or with no row yet are skipped with a note.
+
+``summary.csv``, one row per group (numbers in columns of their own; errors in percent):
+
+* ``group`` (1, 2, ...), ``arguments`` (the effective values that differ between groups,
+  ``key=value`` separated by spaces, ``?`` where a run did not record the key; ``all runs`` with
+  one group), ``runs`` (how many);
+* ``epochs_min``, ``epochs_max``: epochs completed by its shortest and longest run;
+* ``final_test_error_mean``/``_std``: test error at each run's last epoch; ``best_test_error_mean``/
+  ``_std``: each run's lowest test error; ``best_epochs``: the epochs those were reached at, in the
+  order of ``members``; ``final_train_error_mean``/``_std``: train error at the last epoch;
+  every std is the sample std (ddof = 1), empty for a group of one run;
+* ``seconds_per_epoch_mean``: ``epoch_seconds`` averaged over every epoch of every run in it;
+* ``running``, ``interrupted``: how many of its runs are still running / were interrupted;
+* ``members``: its runs' names, separated by spaces.
 """
 
 import glob
 import os
 import re
 import sys
+
+try:
+    import fcntl
+except ImportError:  # no flock (Windows): no run is seen as running
+    fcntl = None
 
 import matplotlib
 
@@ -30,6 +63,13 @@ FIGURES = {
                   lambda df: [c for c in df.columns if c.startswith("fliprate_")]),
     "alpha": ("scaling factor alpha", lambda df: [c for c in df.columns if c.startswith("alpha_")]),
 }
+# Arguments that do not change what a run learns: runs differing only in them form one group.
+SAME_GROUP = frozenset(("seed", "outDir", "dataDir", "resume", "device", "epochs", "workers",
+                        "check", "export"))
+COLUMNS = ["group", "arguments", "runs", "epochs_min", "epochs_max", "final_test_error_mean",
+           "final_test_error_std", "best_test_error_mean", "best_test_error_std", "best_epochs",
+           "final_train_error_mean", "final_train_error_std", "seconds_per_epoch_mean", "running",
+           "interrupted", "members"]
 
 
 def read_run(folder):
@@ -39,6 +79,81 @@ def read_run(folder):
         return None
     df = pd.read_csv(csv, index_col="epoch")
     return df if len(df) else None
+
+
+def read_hyperparameters(folder):
+    """``Hyperparameters.txt`` of a run as a dict: ``command`` (str or None), ``resumed`` (list of
+    ``(epoch, command)``), ``given`` and ``effective`` (dicts of str; values with single spaces).
+    Lines before any ``[section]`` count as effective values (older files have no sections).
+    None when the file does not exist."""
+    try:
+        with open(os.path.join(folder, "Hyperparameters.txt")) as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return None
+    hp = {"command": None, "resumed": [], "given": {}, "effective": {}}
+    section, bracketed = hp["effective"], False
+    for line in (raw.strip() for raw in lines):
+        if not line or line.startswith("#"):
+            continue
+        header = re.fullmatch(r"\[(.*)\]", line)
+        if header:
+            name, bracketed = header.group(1).strip().lower(), True
+            section = (hp["given"] if name.startswith("arguments")
+                       else hp["effective"] if name.startswith("effective") else None)
+            continue
+        resumed = re.fullmatch(r"resumed after epoch (\d+):\s*(.*)", line)
+        if resumed:
+            hp["resumed"].append((int(resumed.group(1)), resumed.group(2)))
+            continue
+        key, sep, value = line.partition(":")
+        key, value = key.strip(), " ".join(value.split())
+        if not sep or not key:
+            continue
+        if key == "command" and not bracketed and hp["command"] is None:
+            hp["command"] = value
+        elif section is not None:
+            section[key] = value
+    if not hp["effective"] and hp["given"]:  # sections written without effective values
+        hp["effective"] = dict(hp["given"])
+    return hp
+
+
+def is_running(folder):
+    """True when another open file holds the ``flock`` of ``<folder>/run.lock`` (the training
+    process holds it for its whole life).  Taking it here is released at once."""
+    if fcntl is None:
+        return False
+    try:
+        fd = os.open(os.path.join(folder, "run.lock"), os.O_RDONLY)
+    except OSError:  # no lock file: not running
+        return False
+    try:
+        for mode in (fcntl.LOCK_EX, fcntl.LOCK_SH):  # shared where a read-only exclusive is refused
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            except OSError:
+                continue
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return False
+        return False
+    finally:
+        os.close(fd)
+
+
+def epochs_asked(hp):
+    """The epochs a run asked for: ``--epochs`` of its last resuming command that gives one, else
+    its effective ``epochs``; None when unknown."""
+    for _, command in reversed(hp["resumed"]):
+        found = re.findall(r"--epochs[= ]+(\d+)", command)
+        if found:
+            return int(found[-1])
+    try:
+        return int(hp["effective"].get("epochs"))
+    except (TypeError, ValueError):
+        return None
 
 
 def _label(column):
@@ -53,7 +168,7 @@ def _finish(ax, ylabel, name, path, log=False):
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(name)
+    ax.set_title(name if len(name) <= 90 else name[:87] + "...", fontsize=10)
     ax.figure.tight_layout()
     try:
         _save_png(ax.figure, path)
@@ -61,17 +176,29 @@ def _finish(ax, ylabel, name, path, log=False):
         plt.close(ax.figure)
 
 
-def _save_png(fig, path):
-    """Save ``fig`` as PNG through a hidden temporary file and a rename, so that a crash or an
-    error never leaves half a figure where the last whole one was."""
+def _atomic(path, write):
+    """``write(tmp)`` to a hidden temporary file beside ``path``, then rename it to ``path``."""
     folder, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
     try:
-        fig.savefig(tmp, dpi=110, format="png")
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _save_png(fig, path):
+    """Save ``fig`` as PNG through a hidden temporary file and a rename, so that a crash or an
+    error never leaves half a figure where the last whole one was."""
+    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+
+
+def _save_text(text, path):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    _atomic(path, write)
 
 
 def plot_one(folder, df):
@@ -89,6 +216,17 @@ def plot_one(folder, df):
                 log=(name == "fliprates" and positive))
 
 
+def _mean_band(ax, runs, column, color):
+    """Each run's ``column`` (thin, faint) and their mean +/- std (thick line, band)."""
+    table = pd.concat([df[column].rename(run) for run, df in runs.items() if column in df], axis=1)
+    for run in table.columns:
+        ax.plot(table.index, table[run], color=color, alpha=0.3, linewidth=0.8)
+    mean, std = table.mean(axis=1), table.std(axis=1).fillna(0.0)
+    ax.plot(mean.index, mean, color=color, linewidth=2,
+            label=f"{_label(column)} (mean of {table.shape[1]})")
+    ax.fill_between(mean.index, mean - std, mean + std, color=color, alpha=0.2)
+
+
 def plot_summary(runs, out_folder):
     """Every run (thin lines) and the mean +/- std across runs (thick line, band), per column."""
     written = []
@@ -98,47 +236,209 @@ def plot_summary(runs, out_folder):
             continue
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for i, c in enumerate(cols):
-            color = f"C{i % 10}"
-            series = [df[c].rename(run) for run, df in runs.items() if c in df]
-            table = pd.concat(series, axis=1)
-            for run in table.columns:
-                ax.plot(table.index, table[run], color=color, alpha=0.3, linewidth=0.8)
-            mean, std = table.mean(axis=1), table.std(axis=1).fillna(0.0)
-            ax.plot(mean.index, mean, color=color, linewidth=2,
-                    label=f"{_label(c)} (mean of {table.shape[1]})")
-            ax.fill_between(mean.index, mean - std, mean + std, color=color, alpha=0.2)
+            _mean_band(ax, runs, c, f"C{i % 10}")
         path = os.path.join(out_folder, f"summary_{name}.png")
         _finish(ax, ylabel, f"{name}: {len(runs)} run(s), mean +/- std", path)
         written.append(path)
     return written
 
 
-def plot_runs(folders, out_folder, per_run=True):
-    """Plot each run folder (if ``per_run``) and the summary of all of them in ``out_folder``."""
-    runs = {}
-    for folder in folders:
-        df = read_run(folder)
-        if df is None:
-            continue
-        runs[os.path.basename(os.path.normpath(folder))] = df
-        if per_run:
-            plot_one(folder, df)
-    return plot_summary(runs, out_folder) if runs else []
+def plot_group(number, label, runs, out_folder):
+    """``group_<number>_errors.png``: the group's test and train error, mean +/- std, each run
+    faint behind; None when its runs have no error column."""
+    cols = [c for c in ("test_error", "train_error") if any(c in df for df in runs.values())]
+    if not cols:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, c in enumerate(cols):
+        _mean_band(ax, runs, c, f"C{i}")
+    path = os.path.join(out_folder, f"group_{number}_errors.png")
+    _finish(ax, "error (%)", f"group {number}: {label} ({len(runs)} run(s))", path)
+    return path
 
 
 def run_folders(folder):
+    """The ``S-<n>`` folders inside ``folder``, by ``n``."""
     found = [p for p in glob.glob(os.path.join(folder, "S-*")) if re.fullmatch(r"S-\d+", os.path.basename(p))]
     return sorted(found, key=lambda p: int(os.path.basename(p)[2:]))
 
 
+def find_runs(dirs, qualified):
+    """``[(name, folder)]`` for the runs in (or given as) each of ``dirs``, each folder once.
+    Names are ``S-<n>``, or ``<date folder>/S-<n>`` when ``qualified`` (longer if still equal)."""
+    found, seen, names = [], set(), set()
+    for d in dirs:
+        if not os.path.isdir(d):
+            print(f"note: {d} is not a folder, skipped", file=sys.stderr)
+            continue
+        folders = [d] if re.fullmatch(r"S-\d+", os.path.basename(os.path.normpath(d))) else run_folders(d)
+        if not folders:
+            print(f"note: no S-<n> run in {d}", file=sys.stderr)
+        for folder in folders:
+            real = os.path.realpath(folder)
+            if real in seen:
+                continue
+            seen.add(real)
+            parts, depth = real.split(os.sep), 2 if qualified else 1
+            name = "/".join(parts[-depth:])
+            while name in names and depth < len(parts):
+                depth += 1
+                name = "/".join(parts[-depth:])
+            names.add(name)
+            found.append((name, folder))
+    return found
+
+
+def load_runs(found, per_run=True):
+    """Each run with results as a dict (name, folder, df, effective, status); draws its own
+    figures in its folder when ``per_run``.  Runs without results are skipped with a note."""
+    runs = []
+    for name, folder in found:
+        try:
+            df = read_run(folder)
+        except ValueError as e:  # unreadable or without an epoch column
+            print(f"note: {name}: results.csv unreadable ({e}), skipped", file=sys.stderr)
+            continue
+        if df is None:
+            print(f"note: {name}: no results.csv or no epoch in it yet, skipped", file=sys.stderr)
+            continue
+        hp = read_hyperparameters(folder)
+        if hp is None:
+            print(f"note: {name}: no Hyperparameters.txt, grouped with the runs without one",
+                  file=sys.stderr)
+            hp = {"command": None, "resumed": [], "given": {}, "effective": {}}
+        asked = epochs_asked(hp)
+        status = ("running" if is_running(folder)
+                  else "interrupted" if asked is not None and len(df) < asked else "done")
+        runs.append({"name": name, "folder": folder, "df": df, "effective": hp["effective"],
+                     "status": status})
+        if per_run:
+            try:
+                plot_one(folder, df)
+            except OSError as e:  # e.g. a read-only folder: its figures stay as they are
+                print(f"note: {name}: could not draw its figures ({e})", file=sys.stderr)
+    return runs
+
+
+def group_runs(runs):
+    """``(groups, labels)``: lists of runs sharing their effective values outside ``SAME_GROUP``
+    (in the order of their first run), and each group's distinguishing ``key=value`` text."""
+    by_key = {}
+    for run in runs:
+        params = {k: v for k, v in run["effective"].items() if k not in SAME_GROUP}
+        by_key.setdefault(tuple(sorted(params.items())), (params, []))[1].append(run)
+    params = [p for p, _ in by_key.values()]
+    keys = sorted(set().union(*params))
+    differ = [k for k in keys if len({p.get(k) for p in params}) > 1]
+    labels = [" ".join(f"{k}={p.get(k, '?')}" for k in differ) or "all runs" for p in params]
+    return [members for _, members in by_key.values()], labels
+
+
+def _final(df, column):
+    return df[column].iloc[-1] if column in df else float("nan")
+
+
+def summarize(groups, labels):
+    """The ``summary.csv`` table (see the module docstring), one row per group."""
+    rows = []
+    for number, (members, label) in enumerate(zip(groups, labels), 1):
+        dfs = [r["df"] for r in members]
+        final_test = pd.Series([_final(df, "test_error") for df in dfs], dtype=float)
+        final_train = pd.Series([_final(df, "train_error") for df in dfs], dtype=float)
+        best = pd.Series([df["test_error"].min() if "test_error" in df else float("nan")
+                          for df in dfs], dtype=float)
+        best_at = [str(df["test_error"].idxmin()) if "test_error" in df and df["test_error"].notna().any()
+                   else "?" for df in dfs]
+        seconds = [df["epoch_seconds"] for df in dfs if "epoch_seconds" in df]
+        epochs = [len(df) for df in dfs]
+        rows.append({
+            "group": number, "arguments": label, "runs": len(members),
+            "epochs_min": min(epochs), "epochs_max": max(epochs),
+            "final_test_error_mean": final_test.mean(), "final_test_error_std": final_test.std(),
+            "best_test_error_mean": best.mean(), "best_test_error_std": best.std(),
+            "best_epochs": " ".join(best_at),
+            "final_train_error_mean": final_train.mean(), "final_train_error_std": final_train.std(),
+            "seconds_per_epoch_mean": pd.concat(seconds).mean() if seconds else float("nan"),
+            "running": sum(r["status"] == "running" for r in members),
+            "interrupted": sum(r["status"] == "interrupted" for r in members),
+            "members": " ".join(r["name"] for r in members)})
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _pm(mean, std):
+    """``mean +/- std`` with two decimals; the mean alone when std is missing; "" without mean."""
+    if pd.isna(mean):
+        return ""
+    return f"{mean:.2f}" if pd.isna(std) else f"{mean:.2f} +/- {std:.2f}"
+
+
+def _cell(text):
+    return str(text).replace("|", "\\|")
+
+
+def _table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+
+
+def markdown(summary, groups):
+    """The Markdown text: one row per group, a legend, then one row per run with its status."""
+    rows, unfinished = [], False
+    for (_, s), members in zip(summary.iterrows(), groups):
+        star = "*" if s["running"] or s["interrupted"] else ""
+        unfinished |= bool(star)
+        span = f"{s['epochs_min']}" + (f"-{s['epochs_max']}" if s["epochs_max"] != s["epochs_min"] else "")
+        status = ", ".join(f"{s[k]} {k}" for k in ("running", "interrupted") if s[k]) or "done"
+        rows.append([s["group"], s["arguments"], s["runs"], span + star,
+                     _pm(s["final_test_error_mean"], s["final_test_error_std"]),
+                     _pm(s["best_test_error_mean"], s["best_test_error_std"]), s["best_epochs"],
+                     _pm(s["final_train_error_mean"], s["final_train_error_std"]),
+                     _pm(s["seconds_per_epoch_mean"], None), status])
+    lines = _table(["group", "arguments", "runs", "epochs", "final test error (%)",
+                    "best test error (%)", "best at epoch", "final train error (%)", "s / epoch",
+                    "status"], rows)
+    lines.append("")
+    lines.append("Errors: mean +/- sample std (ddof = 1) over the group's runs; best at epoch: one "
+                 "epoch per run, in the order of the runs below.")
+    if unfinished:
+        lines.append("`*` the group holds runs still running or interrupted: they count with the "
+                     "epochs they have.")
+    run_rows = []
+    for number, members in enumerate(groups, 1):
+        for r in members:
+            df = r["df"]
+            run_rows.append([r["name"], number, len(df), r["status"],
+                             _pm(_final(df, "test_error"), None),
+                             _pm(df["test_error"].min() if "test_error" in df else None, None)])
+    lines += [""] + _table(["run", "group", "epochs", "status", "final test error (%)",
+                            "best test error (%)"], run_rows)
+    return "\n".join(lines) + "\n"
+
+
 def main(argv):
-    folder = argv[1] if len(argv) > 1 else os.path.dirname(os.path.abspath(__file__))
-    folders = run_folders(folder)
-    written = plot_runs(folders, folder)
-    if not written:
-        print(f"no S-<n> run with a results.csv in {folder}", file=sys.stderr)
+    """``argv[1:]``: folders to summarise (output in the current folder); none: the folder of
+    this file (output there).  Exit code 0, or 1 when no run has results."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    dirs, out = (argv[1:], os.getcwd()) if len(argv) > 1 else ([here], here)
+    runs = load_runs(find_runs(dirs, qualified=len(argv) > 1))
+    if not runs:
+        print(f"no S-<n> run with a results.csv in {' '.join(dirs)}", file=sys.stderr)
         return 1
-    print(f"plotted {len(folders)} run(s) in {folder}")
+    written = plot_summary({r["name"]: r["df"] for r in runs}, out)
+    groups, labels = group_runs(runs)
+    summary = summarize(groups, labels)
+    for number, (members, label) in enumerate(zip(groups, labels), 1):
+        path = plot_group(number, label, {r["name"]: r["df"] for r in members}, out)
+        written += [path] if path else []
+    for stale in glob.glob(os.path.join(out, "group_*_errors.png")):  # of groups gone since
+        if stale not in written:
+            os.remove(stale)
+    text = markdown(summary, groups)
+    _atomic(os.path.join(out, "summary.csv"), lambda tmp: summary.to_csv(tmp, index=False))
+    _save_text(text, os.path.join(out, "summary.md"))
+    print(text, end="")
+    print(f"plotted {len(runs)} run(s) in {len(groups)} group(s); wrote summary.csv, summary.md and "
+          f"{len(written)} figure(s) in {out}", file=sys.stderr)
     return 0
 
 

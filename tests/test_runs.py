@@ -2,11 +2,14 @@
 checkpoint.pt, the copied plotFunctions.py and its figures, device fallback, offline data."""
 
 import ast
+import gzip
 import os
+import struct
 import subprocess
 import sys
 import threading
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -58,7 +61,8 @@ def test_two_epoch_run_writes_every_file_and_column(tmp_path):
         assert (run / png).read_bytes()[:8] == PNG
     hp = (run / "Hyperparameters.txt").read_text().splitlines()
     assert hp[1].startswith("command: python main.py --device -1 --epochs 2")
-    values = dict(line.split(": ", 1) for line in hp[2:])
+    effective = hp[hp.index("[effective values]") + 1:]
+    values = dict(line.split(": ", 1) for line in effective)
     assert values["gamma"] == "0.01 0.01" and values["layersList"] == "64 32 10"
     assert values["seed"] == "0" and values["archi"] == "fc" and values["learnAlpha"] == "0"
     assert set(values) >= {a.dest for a in main.build_parser()._actions if a.dest != "help"}
@@ -167,8 +171,63 @@ def test_mnist_offline_without_files_is_one_clear_sentence(tmp_path):
     assert not out.exists() and list(data.iterdir()) == []
 
 
+def idx_gz(path, array):
+    """Write ``array`` (uint8) as a gzip'd IDX file, the format of (Fashion-)MNIST's files."""
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(">" + "I" * array.ndim, *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+    return header + array.astype(np.uint8).tobytes()
+
+
+def test_fashion_mnist_unpacked_from_a_debian_folder(tmp_path, monkeypatch):
+    """A folder laid out like Debian's dataset-fashion-mnist package (the four gzip'd IDX files)
+    is unpacked into torchvision's FashionMNIST/raw under --dataDir and loaded from there:
+    the same bytes, images / 255 in (N, 1, 28, 28), the labels with their images, the subsets."""
+    rs = np.random.RandomState(0)
+    debian = tmp_path / "debian"
+    debian.mkdir()
+    raw_bytes, parts = {}, {}
+    for split, n in (("train", 30), ("t10k", 20)):
+        images = rs.randint(0, 256, size=(n, 28, 28)).astype(np.uint8)
+        images[:, 0, 0] = np.arange(n)  # each image carries its index
+        labels = rs.randint(0, 10, size=n).astype(np.uint8)
+        raw_bytes[f"{split}-images-idx3-ubyte"] = idx_gz(debian / f"{split}-images-idx3-ubyte.gz", images)
+        raw_bytes[f"{split}-labels-idx1-ubyte"] = idx_gz(debian / f"{split}-labels-idx1-ubyte.gz", labels)
+        parts[split] = (images, labels)
+    before = {p.name: p.read_bytes() for p in debian.iterdir()}
+    monkeypatch.setattr(datasets, "DEBIAN_FASHION_MNIST", str(debian))
+    data = tmp_path / "data"
+    args = main.argparse.Namespace(dataset="fashion_mnist", dataDir=str(data), trainSubset=24,
+                                   testSubset=15, batchSize=8, test_batchSize=15)
+    train, test = datasets.load_data(args, torch.Generator().manual_seed(0))
+    raw = data / "FashionMNIST" / "raw"
+    assert sorted(os.listdir(raw)) == sorted(datasets.MNIST_FILES)
+    assert {f: (raw / f).read_bytes() for f in datasets.MNIST_FILES} == raw_bytes
+    assert {p.name: p.read_bytes() for p in debian.iterdir()} == before  # the package's folder untouched
+    assert (len(train), len(test)) == (3, 1)
+    (x, y), = list(test)
+    images, labels = parts["t10k"]
+    assert x.shape == (15, 1, 28, 28) and x.dtype == torch.float32
+    assert torch.equal(x, torch.from_numpy(images[:15]).float().div(255).unsqueeze(1))
+    assert y.tolist() == labels[:15].tolist()
+    images, labels = parts["train"]
+    seen = []
+    for x, y in train:  # shuffled: every image of the first 24 once, each with its own label
+        assert x.shape[1:] == (1, 28, 28)
+        index = (x[:, 0, 0, 0] * 255).round().long()
+        assert torch.equal(x, torch.from_numpy(images[index.numpy()]).float().div(255).unsqueeze(1))
+        assert y.tolist() == labels[index.numpy()].tolist()
+        seen += index.tolist()
+    assert sorted(seen) == list(range(24)) and seen != list(range(24))
+
+
 def test_fashion_mnist_found_in_debian_folder(tmp_path):
-    if not os.path.isdir(datasets.DEBIAN_FASHION_MNIST):
+    """The real package's folder (/usr/share/datasets/fashion-mnist), which .ci/run installs: in
+    CI its absence is a failure, elsewhere the test is skipped without the package."""
+    if not all(os.path.isfile(os.path.join(datasets.DEBIAN_FASHION_MNIST, f + ".gz")) for f in datasets.MNIST_FILES):
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{datasets.DEBIAN_FASHION_MNIST} lacks the .gz files of Debian's dataset-fashion-mnist "
+                        f"package; .ci/run installs it (apt-get install dataset-fashion-mnist)")
         pytest.skip("Debian's dataset-fashion-mnist package is not installed")
     args = main.argparse.Namespace(dataset="fashion_mnist", dataDir=str(tmp_path), trainSubset=100,
                                    testSubset=50, batchSize=10, test_batchSize=50)
@@ -178,6 +237,19 @@ def test_fashion_mnist_found_in_debian_folder(tmp_path):
     assert x.shape == (50, 1, 28, 28) and 0 <= float(x.min()) and float(x.max()) <= 1
     assert sorted(os.listdir(tmp_path / "FashionMNIST" / "raw")) == sorted(datasets.MNIST_FILES)
     assert y.tolist()[:5] == [9, 2, 1, 1, 6]  # the first labels of Fashion-MNIST's test set
+
+
+def test_make_last_demo_run_is_the_newest_date_and_highest_run_number(tmp_path):
+    """`make demo` closes with the newest run folder: the last date, and there S-10 after S-9
+    (numeric order, not the text order that puts S-9 last)."""
+    runs = tmp_path / "runs"
+    for folder in ("2024-05-01/S-12", "2024-05-02/S-2", "2024-05-02/S-9", "2024-05-02/S-10"):
+        (runs / "DATA-0-fc-digits" / folder).mkdir(parents=True)
+    (runs / "DATA-0-conv-digits" / "2024-05-03" / "S-30").mkdir(parents=True)  # not the demo's
+    r = subprocess.run(["make", "-s", "-C", ROOT, "last-demo-run", f"RUNS={runs}"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"{runs}/DATA-0-fc-digits/2024-05-02/S-10\n"
 
 
 def test_help_and_bad_arguments_answer_without_loading_torch():
