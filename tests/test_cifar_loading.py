@@ -8,7 +8,6 @@ substituted (it matters only in the main process, where the data sets are built)
 
 import hashlib
 import os
-import pickle
 
 import numpy as np
 import pandas as pd
@@ -16,6 +15,7 @@ import pytest
 import torch
 
 import main
+from fake_data import write_cifar10
 from binary_ep import datasets
 
 MEAN = np.array([0.4914, 0.4822, 0.4465]).reshape(3, 1, 1)
@@ -27,12 +27,7 @@ CONV = ["--device", "-1", "--archi", "conv", "--dataset", "cifar10", "--layersLi
         "--test_batchSize", "8"]
 
 
-@pytest.fixture(autouse=True)
-def one_intra_op_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture
@@ -40,18 +35,7 @@ def cifar(tmp_path, monkeypatch):
     """(data folder, {batch name: (uint8 rows (n, 3072), labels)}) of fake CIFAR-10 files."""
     import torchvision.datasets.cifar as cifar
     monkeypatch.setattr(cifar, "check_integrity", lambda *a, **k: True)
-    folder = tmp_path / "data" / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.RandomState(7)
-    batches = {}
-    for name in [f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]:
-        rows = rng.randint(0, 256, size=(N_PER_BATCH, 3072)).astype(np.uint8)
-        labels = [int(v) for v in rng.randint(0, 10, size=N_PER_BATCH)]
-        batches[name] = (rows, labels)
-        with open(folder / name, "wb") as f:
-            pickle.dump({"data": rows, "labels": labels, "batch_label": name}, f)
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": [f"c{k}" for k in range(10)]}, f)
+    batches = write_cifar10(tmp_path / "data", n_per_batch=N_PER_BATCH, seed=7)
     return tmp_path / "data", batches
 
 

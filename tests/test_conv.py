@@ -7,7 +7,6 @@ over the output units and averaged over the batch.
 """
 
 import os
-import pickle
 
 import numpy as np
 import pandas as pd
@@ -16,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import main
+from fake_data import write_cifar10
 import Tools_conv
 from binary_ep import datasets, vocabulary
 from binary_ep.estimators import EP
@@ -23,13 +23,7 @@ from binary_ep.vocabulary import conv_geometry
 from Network_conv import Network_conv
 
 
-@pytest.fixture(autouse=True)
-def one_intra_op_thread():
-    """Small tensors: one thread is as fast and immune to a busy second core (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def parse(line):
@@ -312,23 +306,6 @@ def normalised(array):
     mean = torch.tensor(datasets.CIFAR10_MEAN).view(3, 1, 1)
     std = torch.tensor(datasets.CIFAR10_STD).view(3, 1, 1)
     return (torch.from_numpy(array).permute(2, 0, 1).float() / 255 - mean) / std
-
-
-def write_cifar10(root, n_per_batch=10, seed=0):
-    """CIFAR-10 in torchvision's layout (pickled batches, uint8 rows of 3072 = 3x32x32)."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.RandomState(seed)
-    batches = {}
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        data = rng.randint(0, 256, size=(n_per_batch, 3072), dtype=np.uint8)
-        labels = [int(v) for v in rng.randint(0, 10, size=n_per_batch)]
-        batches[name] = (data, labels)
-        with open(folder / name, "wb") as f:
-            pickle.dump({"data": data, "labels": labels, "batch_label": name}, f)
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
-    return batches
 
 
 def test_cifar10_loading_reads_torchvision_files_and_trains(tmp_path, monkeypatch):
