@@ -351,7 +351,7 @@ BAD_FILES = {  # how the file is spoiled -> words of the error
 
 
 @pytest.mark.parametrize("how", list(BAD_FILES))
-def test_a_bad_file_is_a_one_line_error(how, fc_run, tmp_path):
+def test_a_bad_file_is_a_one_line_error(how, fc_run, tmp_path, capsys):
     (tmp_path / "S-1").mkdir()
     path, rng = tmp_path / "S-1" / "binary_model.npz", np.random.RandomState(1)
     with np.load(fc_run.path, allow_pickle=False) as z:
@@ -373,6 +373,9 @@ def test_a_bad_file_is_a_one_line_error(how, fc_run, tmp_path):
     message = str(e.value)
     assert isinstance(e.value, ValueError) and "\n" not in message
     assert message.startswith(str(path)) and words in message, message
+    capsys.readouterr()
+    assert nr.main([str(path)]) == 2  # python -m binary_ep.numpy_reference FILE: the same line
+    assert capsys.readouterr().err == f"error: {message}\n"
 
 
 def test_damaged_bytes_never_load_as_another_model(conv_run, tmp_path):
