@@ -152,6 +152,9 @@ class Network_conv(EPNetwork):
         if torch.is_grad_enabled():
             out = None
         new = []
+        # the classifier step, as Network_fc's in the batch-first (B, n) layout: written twice on
+        # purpose, the fc network's feature-major (n, B) layout keeps its large products free of a
+        # transpose, and one shared layout would add a transpose per step to one of them (README)
         for k, layer in enumerate(self.fc):
             buf = None if out is None else out[k]
             if k + 1 < nf:
