@@ -350,7 +350,9 @@ def test_two_simultaneous_resumes_give_one_run_one_refusal_and_every_epoch_once(
     assert main.main(LOCK_FC.split() + ["--epochs", "1", "--outDir", str(tmp_path)]) == 0
     (run,) = tmp_path.glob("DATA-0-fc-digits/*/S-1")
     env = dict(os.environ, EP_NO_PROGRESS="1")
-    procs = [subprocess.Popen([sys.executable, "main.py", "--resume", str(run), "--epochs", "6"], cwd=ROOT,
+    # 29 epochs (about 3 s): the two start together, but one may finish its imports a second
+    # later; with 5 epochs (0.5 s) the other had sometimes finished by then (1 run in 6)
+    procs = [subprocess.Popen([sys.executable, "main.py", "--resume", str(run), "--epochs", "30"], cwd=ROOT,
                               env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [(p.pid, p.wait(timeout=300), p.stderr.read()) for p in procs]
     codes = sorted(code for _, code, _ in results)
@@ -361,7 +363,7 @@ def test_two_simultaneous_resumes_give_one_run_one_refusal_and_every_epoch_once(
     assert len(lines) == 1 and "Traceback" not in refusal, refusal
     assert lines[0] == (f"main.py: error: {run} is in use by process {winner} (a run, --resume, --check "
                         f"or --export); wait for it to end or stop it, then try again")
-    assert epochs_on_disk(run) == ([1, 2, 3, 4, 5, 6], 6)
+    assert epochs_on_disk(run) == (list(range(1, 31)), 30)
     assert not temporaries(run)
 
 
