@@ -126,7 +126,7 @@ class Network_conv(EPNetwork):
     def _flat(s):
         """(B, C, H, W) -> (B, H*W*C), the (h, w, c) order of ``ConvDrive.fc_top`` (a view for
         channels-last states)."""
-        return s.permute(0, 2, 3, 1).reshape(s.shape[0], -1)
+        return s.permute(0, 2, 3, 1).flatten(1)
 
     def input_drive(self, x):
         """The batch's constants (``ConvDrive``): ``P(conv(x) + b)`` of the bottom convolution and
@@ -255,7 +255,7 @@ class Network_conv(EPNetwork):
                              "(its last step's max-pool indices)")
         return phase.last_step["indices"][i]
 
-    def computeGradient(self, x, plus, minus, beta_span):
+    def computeGradient(self, x, plus, minus, beta_span, batch=None):
         """Write the EP estimate of ``-dL/dW`` (negated, as ``.grad``) of every layer::
 
             classifier:  dW_k = (s_+[k]^T s_+[k+1] - s_-[k]^T s_-[k+1]) / (beta_span B),
@@ -265,7 +265,8 @@ class Network_conv(EPNetwork):
 
         with ``s_+``/``s_-`` the states of the ``Phase`` ``plus``/``minus``: nudged/free (one-sided,
         ``beta_span = beta``) or +beta and -beta nudged (symmetric, ``beta_span = 2 beta``);
-        ``x`` is (B, C, H, W); corr is the correlation of
+        ``x`` is (b, C, H, W), the samples of this process; B is ``batch`` (the global mini-batch
+        of a data-parallel run, whose ranks add up their sums; default b); corr is the correlation of
         the layer's input (the state below, or ``x`` for the bottom layer, whose unpooled
         difference makes it one correlation) with the unpooled state (a convolution's weight
         gradient), U unpools each phase's final states with the max-pool indices its last step
@@ -275,7 +276,7 @@ class Network_conv(EPNetwork):
         """
         s_plus, s_minus = plus.states, minus.states
         nf, nc = self.n_fc, len(self.conv)
-        c = 1.0 / (beta_span * x.shape[0])
+        c = 1.0 / (beta_span * (x.shape[0] if batch is None else batch))
         for k, layer in enumerate(self.fc):
             if k + 1 < nf:
                 dw = s_plus[k].t() @ s_plus[k + 1] - s_minus[k].t() @ s_minus[k + 1]

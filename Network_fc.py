@@ -97,7 +97,7 @@ class Network_fc(EPNetwork):
             new.append(a)
         return new
 
-    def computeGradient(self, x, plus, minus, beta_span):
+    def computeGradient(self, x, plus, minus, beta_span, batch=None):
         """Write the EP estimate of ``dL/dW = -dW`` of every layer for ``updateWeights``::
 
             dW[k] = (s_+[k] s_+[k+1]^T - s_-[k] s_-[k+1]^T) / (beta_span B)
@@ -105,12 +105,13 @@ class Network_fc(EPNetwork):
 
         with ``plus``/``minus`` the ``Phase`` of the nudged/free states (one-sided, ``beta_span =
         beta``) or of the +beta and -beta nudged states (symmetric, ``beta_span = 2 beta``); ``x``
-        is (B, n_input).  The input layer's is ``(s_+[L-2] - s_-[L-2]) x``, one product, handed to
-        the flip optimizer as its two factors (``set_outer_grad``: (n, B) and (B, n_input)),
-        which forms it block by block.
+        is (b, n_input), the samples of this process; B is ``batch`` (the global mini-batch of a
+        data-parallel run, whose ranks add up their sums; default b).  The input layer's is
+        ``(s_+[L-2] - s_-[L-2]) x``, one product, handed to the flip optimizer as its two factors
+        (``set_outer_grad``: (n, b) and (b, n_input)), which forms it block by block.
         """
         s_plus, s_minus = plus.states, minus.states
-        c = 1.0 / (beta_span * x.shape[0])
+        c = 1.0 / (beta_span * (x.shape[0] if batch is None else batch))
         n = len(s_plus)
         for k, layer in enumerate(self.W):
             w, b = layer.weight, layer.bias

@@ -17,7 +17,7 @@ PLOT_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plotFunc
 
 def prepare_images(net, x):
     """A loader's batch of images (B, C, H, W) as the network's input: rows (B, C*H*W)."""
-    return x.reshape(x.shape[0], -1)
+    return x.flatten(1)  # (an empty share of a batch too)
 
 
 def train_bin(net, loader, epoch, estimator):

@@ -223,21 +223,6 @@ def check_out_dir(parser, out_dir):
         parser.error(f"--outDir {out_dir} is not writable ({probe}); choose a folder you can write to")
 
 
-def select_device(parser, index):
-    import torch
-    if index < 0:
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        print(f"warning: --device {index} asked for a GPU but CUDA is not available; running on the CPU",
-              file=sys.stderr)
-        return torch.device("cpu")
-    count = torch.cuda.device_count()
-    if index >= count:
-        names = ", ".join(f"{i} ({torch.cuda.get_device_name(i)})" for i in range(count))
-        parser.error(f"--device {index} does not exist; available GPUs: {names}; use -1 for the CPU")
-    return torch.device("cuda", index)
-
-
 def parse(argv):
     """argv -> (parser, args, normalised argv); exits with a one-line error on bad input."""
     from binary_ep.vocabulary import fix_seed_spelling
@@ -287,72 +272,66 @@ def plot_run(path):
 
 
 def run(args, argv, parser):
-    """Train (or check) the run ``args`` describes; returns the exit code."""
+    """Train (or check) the run ``args`` describes, alone or as one rank of a data-parallel run
+    (``torchrun``: rank 0 owns the run folder); returns the exit code."""
     import time
 
     import numpy as np
     import torch
     from tqdm import tqdm
 
-    from binary_ep import checkpoint, files, resume, run_folder, signals
+    from binary_ep import checkpoint, distributed, files, signals
     from binary_ep.datasets import load_data
     from binary_ep.estimators import make_estimator
-    from binary_ep.loops import Diverged
+    from binary_ep.loops import Diverged, quiet
+    from binary_ep.run_folder import open_run
     _, tools = architecture(args.archi)
+    replicas = distributed.start(parser, args)  # None: a rank with nothing to do (--check, --export)
+    if replicas is None:
+        return 0
     if args.export:
         from binary_ep.export import export_run
         return export_run(args.resume, build_network(args))
-    device = select_device(parser, args.device)
+    device, root = replicas.device, replicas.rank == 0
     torch.manual_seed(args.seed)
     np.random.seed(args.seed % 2 ** 32)
     generators = {"data": torch.Generator().manual_seed(args.seed),
                   "beta": torch.Generator().manual_seed(args.seed + 1)}
-    train_loader, test_loader = load_data(args, generators["data"], pin_memory=device.type == "cuda")
+    train_loader, test_loader = replicas.root_first(lambda: load_data(
+        args, generators["data"], pin_memory=device.type == "cuda", share=replicas.share))
     net = build_network(args).to(device)
     if args.check == "gdu":
         from binary_ep.gdu_check import check_command
         return check_command(args, argv, net, tools, train_loader)
     estimator = make_estimator(args, generators["beta"])
-    path, done, epoch = None, 0, 1
+    path, done, epoch = args.resume, 0, 1
     try:
-        if args.resume:
-            path = args.resume
-            for attempt in ("check", "locked"):  # checked before the lock touches the folder,
-                done = checkpoint.load_checkpoint(path, net, generators)  # then read under it
-                if done >= args.epochs:
-                    print(f"{path} already has its {done} epochs; nothing to do (raise --epochs to "
-                          f"train longer)", file=sys.stderr)
-                    return 0
-                df = resume.resumed_dataframe(path, lambda: tools.initDataframe(path, net),
-                                              run_folder.result_columns(net.layer_names), done)
-                files.lock_run_folder(path)
-            with signals.critical():
-                files.remove_stale_temporaries(path)
-                run_folder.note_resume(path, done, argv)
-            print(f"resuming {path} after epoch {done}", file=sys.stderr)
-        else:
-            with signals.critical():
-                path = tools.createPath(args)
-                files.lock_run_folder(path)
-                tools.saveHyperparameters(path, args, argv)
-            df = tools.initDataframe(path, net)
-        print(f"run folder: {path}", file=sys.stderr)
+        path, done, df = replicas.on_root(lambda: open_run(args, argv, net, tools, generators))
+        if args.resume and not root:
+            checkpoint.load_checkpoint(path, net, generators)
+        if done >= args.epochs:
+            return 0
         epoch = done + 1
         bar = tqdm(range(done + 1, args.epochs + 1), desc="epochs", initial=done, total=args.epochs,
-                   disable=os.environ.get("EP_NO_PROGRESS") == "1")
+                   disable=quiet())
         for epoch in bar:
             start = time.perf_counter()
             train = tools.train_bin(net, train_loader, epoch, estimator)
             test = tools.test_bin(net, test_loader, epoch)
+            replicas.check_replicas(net, epoch)
             seconds = time.perf_counter() - start
-            with files.all_or_nothing():  # results.csv and checkpoint.pt change together
-                new_df = tools.updateDataframe(path, df.copy(), epoch, train, test, net, seconds)
-                checkpoint.save_checkpoint(path, net, epoch, args, generators)
-            df, done = new_df, epoch
-            tqdm.write(f"epoch {epoch}/{args.epochs}: train error {train['train_error']:.2f}% "
-                       f"test error {test['test_error']:.2f}% train loss {train['train_loss']:.4f} "
-                       f"test loss {test['test_loss']:.4f} flips {sum(train['flips']):.0f} "
-                       f"({seconds:.1f} s)", file=sys.stderr)
+
+            def save():  # results.csv and checkpoint.pt change together
+                with files.all_or_nothing():
+                    new_df = tools.updateDataframe(path, df.copy(), epoch, train, test, net, seconds)
+                    checkpoint.save_checkpoint(path, net, epoch, args, generators)
+                return new_df
+            df, done = replicas.on_root(save, send=False, live=False), epoch
+            if root:
+                tqdm.write(f"epoch {epoch}/{args.epochs}: train error {train['train_error']:.2f}% "
+                           f"test error {test['test_error']:.2f}% train loss {train['train_loss']:.4f} "
+                           f"test loss {test['test_loss']:.4f} flips {sum(train['flips']):.0f} "
+                           f"({seconds:.1f} s)", file=sys.stderr)
     except signals.Interrupted as e:
         signals.ignore_signals()  # a second Ctrl-C must not cut the clean-up or the message short
         code = 128 + e.signum
@@ -362,7 +341,8 @@ def run(args, argv, parser):
             elif path is None:
                 print(f"interrupted ({e}) before training started; nothing was saved", file=sys.stderr)
             else:
-                shutil.rmtree(path, ignore_errors=True)
+                if root:
+                    shutil.rmtree(path, ignore_errors=True)
                 print(f"interrupted ({e}) before the first epoch finished; nothing to resume, {path} "
                       f"removed", file=sys.stderr)
             return code
@@ -383,25 +363,26 @@ def run(args, argv, parser):
                   f"--resume {shlex.quote(str(path))}", file=sys.stderr)
         return 4
     except Diverged as e:
-        if done:
+        if done and root:
             plot_run(path)
         where = f"the last good checkpoint (epoch {done}) is in {path}" if done else \
             f"no epoch finished, so {path} holds no checkpoint"
         print(f"main.py: error: training diverged: {e}; {where}; try smaller learning rates, "
               f"thresholds or beta", file=sys.stderr)
         return 3
-    plot_run(path)
+    if root:
+        plot_run(path)
     return 0
 
 
 def main(argv=None):
     """Exit codes: 0 done, 2 bad arguments or data, 3 diverged, 4 a run file could not be written
-    (full disk, quota, I/O error), 5 the run folder is in use by another process, 130/143
-    interrupted (SIGINT/SIGTERM)."""
+    (full disk, quota, I/O error), 5 the run folder is in use by another process, 6 (data-parallel)
+    stopped because another rank failed or was lost, 130/143 interrupted (SIGINT/SIGTERM)."""
     argv = sys.argv[1:] if argv is None else argv
     try:  # Ctrl-C while the libraries load: still one line, no traceback
         parser, args, argv = parse(argv)
-        from binary_ep import files, signals
+        from binary_ep import distributed, files, signals
         from binary_ep.numpy_reference import ExportError
         from binary_ep.vocabulary import UserError
     except KeyboardInterrupt:
@@ -422,10 +403,14 @@ def main(argv=None):
     except ExportError as e:  # weights that are not +-alpha
         print(f"main.py: error: {e}", file=sys.stderr)
         return 2
+    except distributed.StopAll as e:  # data-parallel: rank 0 failed, a rank was lost, replicas differ
+        print(f"main.py: error: {e}", file=sys.stderr)
+        return e.code
     except signals.Interrupted as e:  # before training started: nothing was written
         print(f"interrupted ({e}) before training started; nothing was saved", file=sys.stderr)
         return 128 + e.signum
     finally:
+        distributed.stop()
         files.release_run_folders()
         signals.restore_signal_handlers(previous)
 

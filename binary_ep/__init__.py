@@ -18,5 +18,7 @@ One module per job (imports point one way: this package knows no concrete networ
 * ``checkpoint``: ``checkpoint.pt`` and the random number generators' states;
 * ``datasets``: MNIST, Fashion-MNIST, CIFAR-10 (torchvision) and scikit-learn's digits;
 * ``cpu_kernels``: compiled CPU kernels of the conv relaxation (C source beside its loader);
+* ``distributed``: data-parallel training on torch.distributed (torchrun): shares, the gradient
+  exchange, rank 0's outcomes, stopping together, lost ranks;
 * ``export`` / ``numpy_reference``: the 1-bit model file and its NumPy golden model.
 """

@@ -23,23 +23,48 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.247, 0.243, 0.261)
 
 
-class TensorBatches:
-    """Mini-batches of an in-memory tensor data set, shuffled with a seeded generator."""
+def share_bounds(n, rank, world):
+    """``(lo, hi)``: rank ``rank``'s share ``[lo, hi)`` of ``n`` consecutive items split among
+    ``world`` ranks as evenly as possible, in rank order (``torch.tensor_split``'s rule: the first
+    ``n % world`` ranks take one item more; a share may be empty)."""
+    q, r = divmod(n, world)
+    lo = rank * q + min(rank, r)
+    return lo, lo + q + (rank < r)
 
-    def __init__(self, x, y, batch_size, shuffle, generator=None):
+
+def global_batch_sizes(n, batch_size):
+    """The sizes of the batches of ``n`` samples cut into mini-batches of ``batch_size`` (the
+    last one may be smaller)."""
+    return [min(batch_size, n - i) for i in range(0, n, batch_size)]
+
+
+class TensorBatches:
+    """Mini-batches of an in-memory tensor data set, shuffled with a seeded generator.
+
+    With ``share=(rank, world)`` (data-parallel training) it yields rank ``rank``'s share
+    (``share_bounds``) of every global batch, the global batches being the ones a single process
+    draws from the same generator; ``global_sizes`` lists the global batches' sizes."""
+
+    def __init__(self, x, y, batch_size, shuffle, generator=None, share=(0, 1)):
         self.x, self.y, self.batch_size, self.shuffle, self.generator = x, y, batch_size, shuffle, generator
+        self.share = share
 
     def __len__(self):
         return math.ceil(len(self.y) / self.batch_size)
+
+    @property
+    def global_sizes(self):
+        return global_batch_sizes(len(self.y), self.batch_size)
 
     def __iter__(self):
         n = len(self.y)
         order = torch.randperm(n, generator=self.generator) if self.shuffle else None
         for i in range(0, n, self.batch_size):
+            lo, hi = share_bounds(min(self.batch_size, n - i), *self.share)
             if order is None:
-                yield self.x[i:i + self.batch_size], self.y[i:i + self.batch_size]
+                yield self.x[i + lo:i + hi], self.y[i + lo:i + hi]
             else:
-                idx = order[i:i + self.batch_size]
+                idx = order[i + lo:i + hi]
                 yield self.x[idx], self.y[idx]
 
 
@@ -207,6 +232,40 @@ class AugmentedLoader(torch.utils.data.DataLoader):
     def set_epoch(self, epoch):
         self.augmentation.epoch = epoch
 
+    @property
+    def global_sizes(self):
+        return self.batch_sampler.global_sizes
+
+
+class ShareOfBatches:
+    """A batch sampler that yields rank ``rank``'s share (``share_bounds``) of every batch of
+    indices of ``batches`` (a ``BatchSampler`` over ``n`` samples), ``share = (rank, world)``:
+    each rank loads and augments only its own samples of the global batch.  ``global_sizes``
+    lists the global batches' sizes."""
+
+    def __init__(self, batches, share, n):
+        self.batches, self.share, self.n = batches, share, n
+
+    def __len__(self):
+        return len(self.batches)
+
+    @property
+    def global_sizes(self):
+        return global_batch_sizes(self.n, self.batches.batch_size)
+
+    def __iter__(self):
+        for idx in self.batches:
+            lo, hi = share_bounds(len(idx), *self.share)
+            yield idx[lo:hi]
+
+
+def _collate(samples):
+    """``default_collate`` of (image, label) pairs; an empty share of a batch (more ranks than
+    samples in the last batch) is an empty batch of CIFAR-10's shape."""
+    if not samples:
+        return torch.empty(0, 3, 32, 32), torch.empty(0, dtype=torch.long)
+    return torch.utils.data.default_collate(samples)
+
 
 def _worker_signals(worker_id):
     """In a loader worker: Ctrl-C / SIGTERM end it quietly (the main process's handlers, inherited
@@ -239,9 +298,12 @@ def _load_cifar10(data_dir, train):
     return x.permute(0, 3, 1, 2).contiguous(), y
 
 
-def load_data(args, generator, pin_memory=False):
+def load_data(args, generator, pin_memory=False, share=(0, 1)):
     """Train and test loaders for ``args.dataset`` (first ``--trainSubset``/``--testSubset``
-    samples when given).  Batches are (x of shape (B, C, H, W), labels).
+    samples when given).  Batches are (x of shape (B, C, H, W), labels).  With ``share=(rank,
+    world)`` (data-parallel training) every batch is rank ``rank``'s share (``share_bounds``) of
+    the global batch a single process would draw from the same ``generator``; the train loader's
+    ``global_sizes`` lists the global batches' sizes (the EP estimate divides by them).
 
     CIFAR-10: ``DataLoader``s with ``args.workers`` worker processes (0: the main process) and
     ``pin_memory`` (give True when training on CUDA); the training set is shuffled by
@@ -253,16 +315,20 @@ def load_data(args, generator, pin_memory=False):
     train_n, test_n = args.trainSubset, args.testSubset
     if args.dataset == "cifar10":
         loaders = []
+        data = torch.utils.data
         for train, n, bs in ((True, train_n, args.batchSize), (False, test_n, args.test_batchSize)):
             images = CIFAR10Images(*_load_cifar10(args.dataDir, train), augment=train, seed=args.seed)
-            ds = images if n is None else torch.utils.data.Subset(images, range(min(n, len(images))))
-            options = dict(batch_size=bs, shuffle=train, num_workers=args.workers, pin_memory=pin_memory,
-                           persistent_workers=False, worker_init_fn=_worker_signals if args.workers else None)
+            ds = images if n is None else data.Subset(images, range(min(n, len(images))))
+            # the sampler and batches DataLoader(shuffle=train, generator=...) would make itself
+            order = data.RandomSampler(ds, generator=generator) if train else data.SequentialSampler(ds)
+            batches = ShareOfBatches(data.BatchSampler(order, bs, drop_last=False), share, len(ds))
+            options = dict(batch_sampler=batches, collate_fn=_collate, num_workers=args.workers,
+                           pin_memory=pin_memory, persistent_workers=False,
+                           worker_init_fn=_worker_signals if args.workers else None)
             if train:
                 loaders.append(AugmentedLoader(images, ds, generator=generator, **options))
             else:
-                loaders.append(torch.utils.data.DataLoader(ds, generator=torch.Generator().manual_seed(0),
-                                                           **options))
+                loaders.append(data.DataLoader(ds, generator=torch.Generator().manual_seed(0), **options))
         return loaders
     if args.dataset == "digits":
         parts = load_digits_split()
@@ -273,5 +339,5 @@ def load_data(args, generator, pin_memory=False):
         xtr, ytr = xtr[:train_n], ytr[:train_n]
     if test_n is not None:
         xte, yte = xte[:test_n], yte[:test_n]
-    return (TensorBatches(xtr, ytr, args.batchSize, True, generator),
-            TensorBatches(xte, yte, args.test_batchSize, False))
+    return (TensorBatches(xtr, ytr, args.batchSize, True, generator, share),
+            TensorBatches(xte, yte, args.test_batchSize, False, share=share))

@@ -1,8 +1,10 @@
 """Gradient estimators, interchangeable behind one call.
 
-``estimator.compute_gradient(net, x, target)`` relaxes the batch ``x`` (the network's input
-layout) and leaves the estimate of ``dL/dtheta`` (``L = ||s[0] - y||^2 / 2`` summed over the
-output units, averaged over the batch) of every binary weight and bias in ``.grad``, where
+``estimator.compute_gradient(net, x, target, batch=None)`` relaxes the batch ``x`` (the
+network's input layout) and leaves the estimate of ``dL/dtheta`` (``L = ||s[0] - y||^2 / 2``
+summed over the output units, averaged over ``batch`` samples: by default those of ``x``; in a
+data-parallel run the global mini-batch, of which ``x`` is this rank's share, so that the ranks'
+gradients add up to the one-process gradient) of every binary weight and bias in ``.grad``, where
 ``net.updateWeights()`` takes it: the flip rule for the weights, SGD for the biases.  A weight
 whose gradient is a product of two thin factors (the fc input layer under EP) may be handed to
 the flip optimizer as those factors (``optW.set_outer_grad``); ``net.weight_grads()`` forms it.
@@ -26,15 +28,15 @@ class EP:
     def __init__(self, beta, nudging="one-sided", sign_generator=None):
         self.beta, self.nudging, self.sign_generator = beta, nudging, sign_generator
 
-    def compute_gradient(self, net, x, target):
+    def compute_gradient(self, net, x, target, batch=None):
         beta = self.beta
         if self.sign_generator is not None and float(torch.rand(1, generator=self.sign_generator)) < 0.5:
             beta = -beta
         phases = net.phases(x, target, beta)
         if len(phases) == 3:  # symmetric nudging: +beta and -beta
-            net.computeGradient(x, phases[1], phases[2], 2 * beta)
+            net.computeGradient(x, phases[1], phases[2], 2 * beta, batch)
         else:
-            net.computeGradient(x, phases[1], phases[0], beta)
+            net.computeGradient(x, phases[1], phases[0], beta, batch)
         return phases[0].states
 
 
@@ -43,15 +45,17 @@ def loss(s, target, batch):
     return 0.5 * (s[0] - target).pow(2).sum() / batch
 
 
-def truncated_gradient(net, x, s_start, target, steps):
-    """Gradient of ``L(s)`` after ``steps`` free steps from ``s_start`` (a constant) w.r.t. every
-    binary weight and bias (weights then biases, output layer first), by autograd.  Returns
-    (grads, final states detached); no graph survives the call."""
+def truncated_gradient(net, x, s_start, target, steps, batch=None):
+    """Gradient of ``L(s)`` (averaged over ``batch`` samples, default ``x.shape[0]``) after
+    ``steps`` free steps from ``s_start`` (a constant) w.r.t. every binary weight and bias
+    (weights then biases, output layer first), by autograd.  Returns (grads, final states
+    detached); no graph survives the call."""
     params = net.binary_weights() + net.biases()
     with torch.enable_grad():
         drive = net.input_drive(x)  # rebuilt with graph: the input weights and biases live here
         s = net.forward([v.detach() for v in s_start], drive, steps)
-        grads = torch.autograd.grad(loss(s, target, x.shape[0]), params, allow_unused=True)
+        grads = torch.autograd.grad(loss(s, target, x.shape[0] if batch is None else batch), params,
+                                    allow_unused=True)
     grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
     return grads, [v.detach() for v in s]
 
@@ -63,14 +67,14 @@ class BPTT:
     def __init__(self, T, Kmax):
         self.T, self.K = T, min(Kmax, T)
 
-    def compute_gradient(self, net, x, target):
+    def compute_gradient(self, net, x, target, batch=None):
         with torch.no_grad():
             drive = net.input_drive(x)
             s = net.initHidden(x.shape[0])
             if self.T - self.K:
                 s = net.forward(s, drive, self.T - self.K)
             del drive
-        grads, s = truncated_gradient(net, x, s, target, self.K)
+        grads, s = truncated_gradient(net, x, s, target, self.K, batch)
         for p, g in zip(net.binary_weights() + net.biases(), grads):
             if p.grad is None or p.grad.shape != p.shape:
                 p.grad = g.detach()

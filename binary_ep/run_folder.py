@@ -6,10 +6,13 @@ import os
 import re
 import shlex
 import shutil
+import sys
 
 import pandas as pd
 
-from binary_ep.files import atomic_write
+from binary_ep import checkpoint, resume
+from binary_ep.files import atomic_write, lock_run_folder, remove_stale_temporaries
+from binary_ep.signals import critical
 
 
 def run_root(out_dir, archi, dataset, date=None):
@@ -120,3 +123,36 @@ def update_results(path, df, epoch, train, test, net, seconds):
     return df
 
 
+def open_run(args, argv, net, tools, generators):
+    """Create the run folder with the architecture's ``tools`` (``createPath``,
+    ``saveHyperparameters``, ``initDataframe``) and lock it, or take over ``--resume``'s (its
+    checkpoint loaded into ``net`` and ``generators``, its results so far read back, the resume
+    noted in Hyperparameters.txt): returns ``(S-<n> folder, epochs done, results dataframe)``."""
+    if not args.resume:
+        path = None
+        try:
+            with critical():
+                path = tools.createPath(args)
+                lock_run_folder(path)
+                tools.saveHyperparameters(path, args, argv)
+        except BaseException:  # a signal or a full disk: no half-made run folder
+            if path is not None:
+                shutil.rmtree(path, ignore_errors=True)
+            raise
+        print(f"run folder: {path}", file=sys.stderr)
+        return path, 0, tools.initDataframe(path, net)
+    path = args.resume
+    for attempt in ("check", "locked"):  # checked before the lock touches the folder, then read under it
+        done = checkpoint.load_checkpoint(path, net, generators)
+        if done >= args.epochs:
+            print(f"{path} already has its {done} epochs; nothing to do (raise --epochs to train longer)",
+                  file=sys.stderr)
+            return path, done, None
+        df = resume.resumed_dataframe(path, lambda: tools.initDataframe(path, net),
+                                      result_columns(net.layer_names), done)
+        lock_run_folder(path)
+    with critical():
+        remove_stale_temporaries(path)
+        note_resume(path, done, argv)
+    print(f"resuming {path} after epoch {done}\nrun folder: {path}", file=sys.stderr)
+    return path, done, df

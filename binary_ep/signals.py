@@ -1,4 +1,5 @@
-"""SIGINT/SIGTERM as the exception ``Interrupted``, held back while run files are written."""
+"""SIGINT/SIGTERM as the exception ``Interrupted``, held back while run files are written, and,
+in a data-parallel run, held until every rank can stop at the same batch (``hold``)."""
 
 import signal
 
@@ -13,16 +14,18 @@ class Interrupted(BaseException):
 
 
 class _Critical:
-    """Context in which SIGINT/SIGTERM are held back until the block ends (file writes)."""
+    """Context in which SIGINT/SIGTERM are held back until the block ends (file writes).  While
+    ``held`` (``hold``) a signal only waits in ``pending``, whatever the depth."""
     depth = 0
     pending = None
+    held = False
 
     def __enter__(self):
         _Critical.depth += 1
 
     def __exit__(self, *exc):
         _Critical.depth -= 1
-        if _Critical.depth == 0 and _Critical.pending is not None:
+        if _Critical.depth == 0 and _Critical.pending is not None and not _Critical.held:
             signum, _Critical.pending = _Critical.pending, None
             if exc[0] is None:
                 raise Interrupted(signum)
@@ -36,7 +39,7 @@ def install_signal_handlers():
     previous handlers for ``restore_signal_handlers`` (None outside the main thread, where Python
     cannot set handlers)."""
     def handler(signum, frame):
-        if _Critical.depth:
+        if _Critical.depth or _Critical.held:
             _Critical.pending = signum
         else:
             raise Interrupted(signum)
@@ -44,12 +47,13 @@ def install_signal_handlers():
         previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     except ValueError:
         return None
-    _Critical.pending = None
+    _Critical.pending, _Critical.held = None, False
     return previous
 
 
 def restore_signal_handlers(previous):
     """Put back what ``install_signal_handlers`` replaced."""
+    _Critical.held = False
     for signum, handler in (previous or {}).items():
         signal.signal(signum, handler)
 
@@ -63,3 +67,20 @@ def ignore_signals():
         pass
 
 
+def hold(on=True):
+    """``on``: from now on a signal raises nothing, it waits for ``take_pending`` (data-parallel
+    training: the ranks agree on the batch after which they all stop); ``False``: signals raise
+    ``Interrupted`` again (one that arrived while held waits for ``take_pending`` or for the end
+    of the next ``critical`` block)."""
+    _Critical.held = on
+
+
+def take_pending():
+    """The signal number waiting while held (cleared), or None."""
+    signum, _Critical.pending = _Critical.pending, None
+    return signum
+
+
+def pending():
+    """The signal number waiting while held (kept), or None."""
+    return _Critical.pending

@@ -180,3 +180,29 @@ def test_a_run_gives_the_same_results_with_and_without_workers(cifar, tmp_path):
     with_workers, without = (t.drop(columns="epoch_seconds") for t in tables)
     assert len(with_workers) == 1
     pd.testing.assert_frame_equal(with_workers, without, check_exact=True)
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 2 workers on 2 cores
+def test_each_rank_loads_its_share_of_the_global_batches(cifar, tmp_path):
+    """Data-parallel loading: with ``share=(rank, 3)`` each rank's loader yields its share of every
+    global batch (the augmented images a single process draws, in rank order), loading and
+    augmenting only those; 49 = 3 x 16 + 1 training images, so two shares of the last batch are
+    empty (also in worker processes); the test set is split the same way, nothing repeated."""
+    args = make_args(cifar[0], tmp_path, 0, extra=["--trainSubset", "49"])
+    whole_train, whole_test = datasets.load_data(args, torch.Generator())
+    assert whole_train.global_sizes == [16, 16, 16, 1]
+    want = epoch_batches(whole_train, 2)
+    want_test = list(whole_test)
+    parts, tests = [], []
+    for rank in range(3):
+        args.workers = 2 if rank == 2 else 0
+        train, test = datasets.load_data(args, torch.Generator(), share=(rank, 3))
+        assert train.global_sizes == [16, 16, 16, 1] and len(train) == 4
+        parts.append(epoch_batches(train, 2))
+        tests.append(list(test))
+    assert [len(p[3][1]) for p in parts] == [1, 0, 0] and parts[2][3][0].shape == (0, 3, 32, 32)
+    assert [len(p[0][1]) for p in parts] == [6, 5, 5]
+    for k, (x, y) in enumerate(want):
+        assert torch.equal(torch.cat([p[k][0] for p in parts]), x) and torch.equal(torch.cat([p[k][1] for p in parts]), y)
+    for k, (x, y) in enumerate(want_test):  # 12 test images in batches of 8: shares 3+3+2, 2+1+1
+        assert torch.equal(torch.cat([t[k][0] for t in tests]), x) and torch.equal(torch.cat([t[k][1] for t in tests]), y)

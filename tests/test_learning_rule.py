@@ -251,8 +251,8 @@ def test_bptt_training_memory_is_flat_over_50_batches():
         rss, kept = [], []
 
         class Recording(BPTT):
-            def compute_gradient(self, net, x, target):
-                s = super().compute_gradient(net, x, target)
+            def compute_gradient(self, net, x, target, batch=None):
+                s = super().compute_gradient(net, x, target, batch)
                 after(s, net, x)
                 return s
 
