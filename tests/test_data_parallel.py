@@ -5,7 +5,6 @@ written by rank 0, resume with 2 and with 1 process, SIGINT to the launcher, a k
 rank 0's failures reaching the others, and the launcher errors; plus the pieces in-process:
 shares of batches, the global normaliser of the estimators, quiet progress bars."""
 
-import math
 import os
 import signal
 import subprocess
@@ -17,7 +16,6 @@ import pytest
 import torch
 
 import main
-import Tools_fc
 from binary_ep import distributed, files, loops
 from binary_ep.datasets import TensorBatches, load_digits_split, share_bounds
 from binary_ep.estimators import BPTT, EP
