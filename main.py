@@ -14,6 +14,8 @@ import shlex
 import shutil
 import sys
 
+from binary_ep import signals  # the signal module only: imports nothing heavy
+
 # OpenMP threads that spin after each parallel region steal the core a relaxation stream needs
 # (measured: fc-1h 1130 -> 1520 samples/s on 2 cores); must be set before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -258,7 +260,6 @@ def build_network(args):
 def plot_run(path):
     """Draw the run's PNG figures with the plotting script kept beside the code (a signal
     while drawing only skips the figures)."""
-    from binary_ep.signals import Interrupted
     try:
         import plotFunctions
         df = plotFunctions.read_run(path)
@@ -266,7 +267,8 @@ def plot_run(path):
             plotFunctions.plot_one(path, df)
     except Exception as e:  # noqa: BLE001 - a plotting problem must never lose a finished run
         print(f"warning: could not draw the plots of {path} ({e})", file=sys.stderr)
-    except Interrupted:
+    except signals.Interrupted:
+        signals.delivered()
         print(f"warning: plots of {path} skipped (interrupted); draw them later with the "
               f"plotFunctions.py of its date folder", file=sys.stderr)
 
@@ -280,12 +282,13 @@ def run(args, argv, parser):
     import torch
     from tqdm import tqdm
 
-    from binary_ep import checkpoint, distributed, files, signals
+    from binary_ep import checkpoint, distributed, files
     from binary_ep.datasets import load_data
     from binary_ep.estimators import make_estimator
     from binary_ep.loops import Diverged, quiet
     from binary_ep.run_folder import open_run
     _, tools = architecture(args.archi)
+    signals.check()  # a signal whose exception an import dropped
     replicas = distributed.start(parser, args)  # None: a rank with nothing to do (--check, --export)
     if replicas is None:
         return 0
@@ -334,6 +337,7 @@ def run(args, argv, parser):
                            f"({seconds:.1f} s)", file=sys.stderr)
     except signals.Interrupted as e:
         signals.ignore_signals()  # a second Ctrl-C must not cut the clean-up or the message short
+        signals.delivered()
         code = 128 + e.signum
         if done == 0:
             if args.resume:
@@ -380,15 +384,18 @@ def main(argv=None):
     (full disk, quota, I/O error), 5 the run folder is in use by another process, 6 (data-parallel)
     stopped because another rank failed or was lost, 130/143 interrupted (SIGINT/SIGTERM)."""
     argv = sys.argv[1:] if argv is None else argv
+    previous = signals.install_signal_handlers()  # first: the imports below take seconds
     try:  # Ctrl-C while the libraries load: still one line, no traceback
         parser, args, argv = parse(argv)
-        from binary_ep import distributed, files, signals
+        from binary_ep import distributed, files
         from binary_ep.numpy_reference import ExportError
         from binary_ep.vocabulary import UserError
-    except KeyboardInterrupt:
-        print("interrupted (SIGINT) while starting; nothing was saved", file=sys.stderr)
-        return 130
-    previous = signals.install_signal_handlers()
+        signals.check()  # a signal whose exception an import dropped
+    except (KeyboardInterrupt, signals.Interrupted) as e:
+        signals.restore_signal_handlers(previous)
+        name = str(e) if isinstance(e, signals.Interrupted) else "SIGINT"
+        print(f"interrupted ({name}) while starting; nothing was saved", file=sys.stderr)
+        return 128 + getattr(e, "signum", 2)
     try:
         return run(args, argv, parser)
     except UserError as e:
@@ -407,6 +414,7 @@ def main(argv=None):
         print(f"main.py: error: {e}", file=sys.stderr)
         return e.code
     except signals.Interrupted as e:  # before training started: nothing was written
+        signals.delivered()
         print(f"interrupted ({e}) before training started; nothing was saved", file=sys.stderr)
         return 128 + e.signum
     finally:
@@ -416,4 +424,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    signals.ignore_signals()  # a signal while Python shuts down: the run is finished, keep its code
+    sys.exit(code)

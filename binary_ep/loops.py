@@ -12,7 +12,7 @@ import os
 import torch
 from tqdm import tqdm
 
-from binary_ep import distributed
+from binary_ep import distributed, signals
 from binary_ep.activations import one_hot
 
 
@@ -52,6 +52,7 @@ def train_epoch(net, loader, epoch, estimator, prepare):
     bar = _progress(loader, f"epoch {epoch} train", len(loader))
     with torch.no_grad():
         for batch, (x, labels) in enumerate(bar, 1):
+            signals.check()  # one process: a signal an exception callback dropped stops here
             x = prepare(net, x.to(device))
             labels = labels.to(device)
             total = labels.numel() if sizes is None else sizes[batch - 1]
@@ -95,6 +96,7 @@ def test_epoch(net, loader, epoch, prepare):
     bar = _progress(loader, f"epoch {epoch} test", len(loader))
     with torch.no_grad():
         for batch, (x, labels) in enumerate(bar, 1):
+            signals.check()
             x = prepare(net, x.to(device))
             labels = labels.to(device)
             (free,) = net.phases(x)

@@ -1,7 +1,14 @@
 """SIGINT/SIGTERM as the exception ``Interrupted``, held back while run files are written, and,
-in a data-parallel run, held until every rank can stop at the same batch (``hold``)."""
+in a data-parallel run, held until every rank can stop at the same batch (``hold``).
+
+Python runs a signal handler between any two bytecodes, also inside a weak-reference callback
+or a ``__del__`` (importlib runs one for every module lock), where an exception is printed as
+"Exception ignored" and dropped.  So the handler also keeps the signal in ``pending`` until it
+reaches our code, and ``check`` (called after the imports and at every batch) raises it again
+if it was dropped."""
 
 import signal
+import sys
 
 
 class Interrupted(BaseException):
@@ -35,18 +42,26 @@ critical = _Critical
 
 
 def install_signal_handlers():
-    """SIGINT/SIGTERM raise ``Interrupted`` (deferred while files are being written).  Returns the
-    previous handlers for ``restore_signal_handlers`` (None outside the main thread, where Python
-    cannot set handlers)."""
+    """SIGINT/SIGTERM raise ``Interrupted`` (deferred while files are being written; kept for
+    ``check`` until ``delivered``), and Python's "Exception ignored" report of an ``Interrupted``
+    that a callback dropped is silenced (``check`` raises it again).  Returns what was replaced,
+    for ``restore_signal_handlers`` (None outside the main thread, where Python cannot set
+    handlers)."""
     def handler(signum, frame):
-        if _Critical.depth or _Critical.held:
-            _Critical.pending = signum
-        else:
+        _Critical.pending = signum  # kept until it reached us (``check``, ``delivered``)
+        if not (_Critical.depth or _Critical.held):
             raise Interrupted(signum)
     try:
         previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     except ValueError:
         return None
+    report = sys.unraisablehook
+
+    def unraisable(info):
+        if not isinstance(info.exc_value, Interrupted):
+            report(info)
+    previous["unraisablehook"] = report
+    sys.unraisablehook = unraisable
     _Critical.pending, _Critical.held = None, False
     return previous
 
@@ -54,7 +69,10 @@ def install_signal_handlers():
 def restore_signal_handlers(previous):
     """Put back what ``install_signal_handlers`` replaced."""
     _Critical.held = False
-    for signum, handler in (previous or {}).items():
+    previous = dict(previous or {})
+    if "unraisablehook" in previous:
+        sys.unraisablehook = previous.pop("unraisablehook")
+    for signum, handler in previous.items():
         signal.signal(signum, handler)
 
 
@@ -73,6 +91,18 @@ def hold(on=True):
     ``Interrupted`` again (one that arrived while held waits for ``take_pending`` or for the end
     of the next ``critical`` block)."""
     _Critical.held = on
+
+
+def check():
+    """Raise ``Interrupted`` for a signal whose exception never reached us (dropped inside a
+    weak-reference callback, say), unless signals are held back now."""
+    if _Critical.pending is not None and not (_Critical.depth or _Critical.held):
+        raise Interrupted(take_pending())
+
+
+def delivered():
+    """The ``Interrupted`` just caught is handled: ``check`` must not raise it again."""
+    take_pending()
 
 
 def take_pending():

@@ -401,3 +401,23 @@ def test_a_gpu_beyond_the_node_is_one_sentence(tmp_path):
     r = run(torchrun(FC.split() + ["--device", str(torch.cuda.device_count()), "--outDir", tmp_path]))
     lines = [l for l in r.stderr.splitlines() if l.startswith("main.py: error:")]
     assert r.returncode != 0 and len(lines) == 2 and "does not exist" in lines[0], r.stderr
+
+
+def test_the_device_of_each_rank_on_a_node_with_two_gpus(monkeypatch):
+    """``select_device`` on a (mocked) node with two GPUs: one process takes ``--device N``, a
+    rank takes its local GPU for any N >= 0, and a GPU or local rank beyond the node is one
+    sentence naming the GPUs."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"GPU-{i}")
+
+    def error(message):
+        raise ValueError(message)
+    assert distributed.select_device(error, -1, local_rank=1) == torch.device("cpu")
+    assert distributed.select_device(error, 1) == torch.device("cuda", 1)
+    assert distributed.select_device(error, 0, local_rank=1) == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match=r"^--device 2 does not exist; available GPUs: 0 \(GPU-0\), "
+                                         r"1 \(GPU-1\); use -1 for the CPU$"):
+        distributed.select_device(error, 2)
+    with pytest.raises(ValueError, match=r"^local rank 2 has no GPU of its own: this node has 2 "):
+        distributed.select_device(error, 0, local_rank=2)

@@ -403,6 +403,41 @@ def test_atomic_write_never_leaves_a_partial_file(tmp_path):
     assert signal.getsignal(signal.SIGINT) is previous[signal.SIGINT]
 
 
+def test_a_signal_whose_exception_a_callback_dropped_is_raised_at_the_next_check(capsys):
+    """Python runs the handler inside a weak-reference callback (importlib has one for every
+    module lock) and drops what it raises there; the signal must still stop the run, at the next
+    ``check``, and Python's "Exception ignored" report must not reach stderr."""
+    import weakref
+
+    class Thing:
+        pass
+    hook = sys.unraisablehook
+    previous = signals.install_signal_handlers()
+    try:
+        signals.check()  # nothing pending: no exception
+        def callback(ref):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # the handler runs at a jump inside the callback
+                pass
+            raise AssertionError("the signal handler did not run inside the callback")
+        thing = Thing()
+        ref = weakref.ref(thing, callback)
+        del thing  # the callback runs, the handler raises inside it, Python drops the exception
+        assert ref() is None
+        signals.hold(True)
+        signals.check()  # held (data-parallel): the ranks' stop flags take it, check does not
+        assert signals.pending() == signal.SIGTERM
+        signals.hold(False)
+        with pytest.raises(signals.Interrupted) as e:
+            signals.check()
+        assert e.value.signum == signal.SIGTERM and signals.pending() is None
+        signals.check()  # raised once only
+    finally:
+        signals.restore_signal_handlers(previous)
+    assert capsys.readouterr().err == ""  # no "Exception ignored" report, no failed assertion
+    assert sys.unraisablehook is hook
+
+
 def test_main_restores_the_signal_handlers(tmp_path):
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     assert main.main(QUICK + ["--epochs", "1", "--outDir", str(tmp_path)]) == 0
