@@ -385,14 +385,23 @@ def main(argv=None):
     stopped because another rank failed or was lost, 130/143 interrupted (SIGINT/SIGTERM)."""
     argv = sys.argv[1:] if argv is None else argv
     previous = signals.install_signal_handlers()  # first: the imports below take seconds
+    try:
+        return _start(argv)
+    finally:  # also after an argument error (SystemExit)
+        signals.restore_signal_handlers(previous)
+
+
+def _start(argv):
+    """Parse ``argv``, load the libraries and ``run``; every failure becomes one line and
+    ``main``'s exit code."""
     try:  # Ctrl-C while the libraries load: still one line, no traceback
         parser, args, argv = parse(argv)
         from binary_ep import distributed, files
         from binary_ep.numpy_reference import ExportError
         from binary_ep.vocabulary import UserError
         signals.check()  # a signal whose exception an import dropped
-    except (KeyboardInterrupt, signals.Interrupted) as e:
-        signals.restore_signal_handlers(previous)
+    except (KeyboardInterrupt, signals.Interrupted) as e:  # KeyboardInterrupt: no handler of ours
+        signals.delivered()
         name = str(e) if isinstance(e, signals.Interrupted) else "SIGINT"
         print(f"interrupted ({name}) while starting; nothing was saved", file=sys.stderr)
         return 128 + getattr(e, "signum", 2)
@@ -420,7 +429,6 @@ def main(argv=None):
     finally:
         distributed.stop()
         files.release_run_folders()
-        signals.restore_signal_handlers(previous)
 
 
 if __name__ == "__main__":

@@ -439,9 +439,12 @@ def test_a_signal_whose_exception_a_callback_dropped_is_raised_at_the_next_check
 
 
 def test_main_restores_the_signal_handlers(tmp_path):
-    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), sys.unraisablehook
     assert main.main(QUICK + ["--epochs", "1", "--outDir", str(tmp_path)]) == 0
-    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), sys.unraisablehook) == before
+    with pytest.raises(SystemExit):  # an argument error (argparse exits) restores them too
+        main.main(QUICK + ["--epochs", "0", "--outDir", str(tmp_path)])
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), sys.unraisablehook) == before
 
 
 # ----------------------------------------------------------------------------------------------
