@@ -316,7 +316,13 @@ class _Heartbeat:
         return [r for r in range(len(self.keys)) if r != self.rank and after[r] == before[r]]
 
     def stop(self):
+        """End the thread and wait for it: a daemon thread still inside a store call when Python
+        shuts down is ended by ``pthread_exit`` as it takes the GIL back, through C++ frames
+        that may not unwind, and the process aborts ("terminate called without an active
+        exception", SIGABRT).  A store that does not answer ends its call within its own
+        10 s timeout."""
         self.stopped.set()
+        self.thread.join(timeout=15)
 
 
 def _fingerprint(t):

@@ -421,3 +421,27 @@ def test_the_device_of_each_rank_on_a_node_with_two_gpus(monkeypatch):
         distributed.select_device(error, 2)
     with pytest.raises(ValueError, match=r"^local rank 2 has no GPU of its own: this node has 2 "):
         distributed.select_device(error, 0, local_rank=2)
+
+
+HEARTBEAT_EXIT = """
+import os, sys, time
+import torch.distributed as dist
+from binary_ep import distributed
+server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(server.port))
+distributed.HEARTBEAT_S = 0  # beat without pause: the thread is nearly always inside a store call
+beat = distributed._Heartbeat(0, 2)
+time.sleep(0.3)
+assert server.add(beat.keys[0], 0) > 10, "the heartbeat did not beat"
+beat.stop()
+sys.exit(0)
+"""
+
+
+def test_a_stopped_heartbeat_lets_the_process_exit_without_an_abort():
+    """A daemon thread still inside a store call when Python shuts down aborts the process
+    ("terminate called without an active exception", SIGABRT): ``stop`` waits for the thread."""
+    for _ in range(3):
+        r = subprocess.run([sys.executable, "-c", HEARTBEAT_EXIT], capture_output=True, text=True,
+                           env=env(), cwd=ROOT, timeout=60)
+        assert r.returncode == 0 and r.stderr == "", (r.returncode, r.stderr)
