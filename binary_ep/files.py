@@ -6,6 +6,7 @@ import errno
 import fcntl
 import os
 import tempfile
+import time
 
 from binary_ep.signals import critical
 
@@ -120,10 +121,9 @@ def lock_run_folder(folder):
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        f.seek(0)
-        pid = f.read().strip()
+        pid = _holder(f)
         f.close()
-        raise FolderInUse(folder, pid if pid.isdigit() else None) from None
+        raise FolderInUse(folder, pid) from None
     try:
         f.seek(0)
         f.truncate()
@@ -133,6 +133,18 @@ def lock_run_folder(folder):
         f.close()
         raise WriteFailed(folder, LOCK_NAME, reason_of(e)) from None
     _HELD[folder] = f
+
+
+def _holder(f, wait_s=2.0):
+    """The PID the holder of ``f``'s lock wrote into it, or None.  The holder writes it right
+    after taking the lock: a file still empty is read again, for up to ``wait_s`` seconds."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        f.seek(0)
+        pid = f.read().strip()
+        if pid.isdigit() or time.monotonic() > deadline:
+            return pid if pid.isdigit() else None
+        time.sleep(0.01)
 
 
 def release_run_folders():

@@ -387,6 +387,28 @@ def test_the_lock_vanishes_with_a_killed_holder_and_names_a_live_one(tmp_path):
     files.release_run_folders()
 
 
+def test_a_holder_that_has_not_written_its_pid_yet_is_still_named(tmp_path):
+    """The holder takes the lock, then writes its PID: a process refused in between waits for the
+    PID instead of saying "another process" (seen once in a CI run of the test above)."""
+    folder = tmp_path / "S-1"
+    folder.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time;"
+                               "f = open(os.path.join(sys.argv[1], 'run.lock'), 'a+');"
+                               "fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB);"
+                               "print('locked', flush=True); time.sleep(0.5);"
+                               "f.write(f'{os.getpid()}\\n'); f.flush(); sys.stdin.read()", str(folder)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert (folder / "run.lock").read_text() == ""  # locked, no PID yet
+        with pytest.raises(files.FolderInUse) as e:
+            files.lock_run_folder(folder)
+        assert e.value.pid == str(holder.pid)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 # ----------------------------------------------------------------------------------------------
 # 11. one read-back from the device per training batch
 # ----------------------------------------------------------------------------------------------
