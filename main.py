@@ -400,11 +400,10 @@ def _start(argv):
         from binary_ep.numpy_reference import ExportError
         from binary_ep.vocabulary import UserError
         signals.check()  # a signal whose exception an import dropped
-    except (KeyboardInterrupt, signals.Interrupted) as e:  # KeyboardInterrupt: no handler of ours
+    except signals.Interrupted as e:
         signals.delivered()
-        name = str(e) if isinstance(e, signals.Interrupted) else "SIGINT"
-        print(f"interrupted ({name}) while starting; nothing was saved", file=sys.stderr)
-        return 128 + getattr(e, "signum", 2)
+        print(f"interrupted ({e}) while starting; nothing was saved", file=sys.stderr)
+        return 128 + e.signum
     try:
         return run(args, argv, parser)
     except UserError as e:
