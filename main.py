@@ -143,21 +143,17 @@ def normalise(parser, args, given):
     for name in ("gamma", "gradThreshold", "lrBias"):
         if len(getattr(args, name)) != n:
             parser.error(f"--{name} needs {n} values for {layout}, got {len(getattr(args, name))}")
-    if args.learnAlpha:
-        if not args.lrAlpha:
-            parser.error(f"--learnAlpha 1 needs --lrAlpha with {n} values for {layout}")
-        if len(args.lrAlpha) < n:
-            # The seed's fc-2h learnt-alpha line gives 2 values for 3 layers and must run as
-            # printed: the last value serves the remaining (input-side) layers, said aloud.
-            print(f"warning: --lrAlpha has {len(args.lrAlpha)} value(s) for {layout}; the last "
-                  f"value is used for the remaining input-side layer(s)", file=sys.stderr)
-            args.lrAlpha = list(args.lrAlpha) + [args.lrAlpha[-1]] * (n - len(args.lrAlpha))
-        if len(args.lrAlpha) != n:
-            parser.error(f"--lrAlpha needs {n} values for {layout}, got {len(args.lrAlpha)}")
-    else:
-        if args.lrAlpha and len(args.lrAlpha) != n:
-            parser.error(f"--lrAlpha needs {n} values for {layout}, got {len(args.lrAlpha)}")
-        args.lrAlpha = list(args.lrAlpha) if args.lrAlpha else [0.0] * n
+    if args.learnAlpha and not args.lrAlpha:
+        parser.error(f"--learnAlpha 1 needs --lrAlpha with {n} values for {layout}")
+    if args.learnAlpha and len(args.lrAlpha) < n:
+        # The seed's fc-2h learnt-alpha line gives 2 values for 3 layers and must run as
+        # printed: the last value serves the remaining (input-side) layers, said aloud.
+        print(f"warning: --lrAlpha has {len(args.lrAlpha)} value(s) for {layout}; the last "
+              f"value is used for the remaining input-side layer(s)", file=sys.stderr)
+        args.lrAlpha = list(args.lrAlpha) + [args.lrAlpha[-1]] * (n - len(args.lrAlpha))
+    args.lrAlpha = list(args.lrAlpha) if args.lrAlpha else [0.0] * n
+    if len(args.lrAlpha) != n:
+        parser.error(f"--lrAlpha needs {n} values for {layout}, got {len(args.lrAlpha)}")
 
 
 def validate(parser, args):

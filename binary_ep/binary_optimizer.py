@@ -8,6 +8,9 @@ import torch
 
 from binary_ep.streams import in_streams
 
+CPU_BLOCK_ELEMENTS = 1 << 18  # rows per block of the flip rule on a CPU: 1 MiB per float32 block (measured best)
+
+
 def binarize_(weight, per_channel):
     """Turn a default-initialised weight into ``alpha * sign(w)`` in place.
 
@@ -162,7 +165,3 @@ class BinaryFlip(torch.optim.Optimizer):
             count = count + fb.sum()
             wb.addcmul_(fb, wb, value=-2.0)
         return count, alpha_parts
-
-
-CPU_BLOCK_ELEMENTS = 1 << 18  # rows per block of the flip rule on a CPU: 1 MiB per float32 block (measured best)
-

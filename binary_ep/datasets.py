@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import torch.utils.data
 
 from binary_ep.files import atomic_write
-from binary_ep.vocabulary import N_CLASSES, UserError
+from binary_ep.vocabulary import INPUT_SHAPE, N_CLASSES, UserError
 
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -263,7 +263,7 @@ def _collate(samples):
     """``default_collate`` of (image, label) pairs; an empty share of a batch (more ranks than
     samples in the last batch) is an empty batch of CIFAR-10's shape."""
     if not samples:
-        return torch.empty(0, 3, 32, 32), torch.empty(0, dtype=torch.long)
+        return torch.empty((0,) + INPUT_SHAPE["cifar10"]), torch.empty(0, dtype=torch.long)
     return torch.utils.data.default_collate(samples)
 
 

@@ -35,17 +35,18 @@ import torch
 from binary_ep.datasets import CIFAR10_MEAN, CIFAR10_STD
 from binary_ep.files import write_bytes
 from binary_ep.numpy_reference import FORMAT_VERSION, ExportError
+from binary_ep.vocabulary import INPUT_SHAPE
 
 FILE_NAME = "binary_model.npz"
 
-# data set -> (input shape (C, H, W), how a stored pixel becomes the network's input)
-_INPUTS = {
-    "mnist": ((1, 28, 28), {"text": "pixel / 255", "divide_by": 255.0, "mean": None, "std": None}),
-    "fashion_mnist": ((1, 28, 28), {"text": "pixel / 255", "divide_by": 255.0, "mean": None, "std": None}),
-    "digits": ((1, 8, 8), {"text": "pixel / 16 (scikit-learn's 8x8 digits hold 0..16)",
-                           "divide_by": 16.0, "mean": None, "std": None}),
-    "cifar10": ((3, 32, 32), {"text": "ToTensor (pixel / 255), then (v - mean[c]) / std[c] per channel c",
-                              "divide_by": 255.0, "mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD)}),
+# data set -> how a stored pixel becomes the network's input (the shapes: ``INPUT_SHAPE``)
+_SCALING = {
+    "mnist": {"text": "pixel / 255", "divide_by": 255.0, "mean": None, "std": None},
+    "fashion_mnist": {"text": "pixel / 255", "divide_by": 255.0, "mean": None, "std": None},
+    "digits": {"text": "pixel / 16 (scikit-learn's 8x8 digits hold 0..16)", "divide_by": 16.0,
+               "mean": None, "std": None},
+    "cifar10": {"text": "ToTensor (pixel / 255), then (v - mean[c]) / std[c] per channel c",
+                "divide_by": 255.0, "mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD)},
 }
 
 ACTIVATIONS = {
@@ -101,9 +102,9 @@ def _input_of(args, input_size):
     """(input shape (C, H, W), input scaling dict) of the run's data set, checked against the
     number of inputs the network reads."""
     dataset = getattr(args, "dataset", None)
-    if dataset not in _INPUTS:
+    if dataset not in _SCALING:
         raise ExportError(f"unknown data set {dataset!r}: cannot document the input")
-    shape, scaling = _INPUTS[dataset]
+    shape, scaling = INPUT_SHAPE[dataset], _SCALING[dataset]
     if input_size is not None and int(np.prod(shape)) != input_size:
         raise ExportError(f"the network reads {input_size} inputs, but {dataset} images are "
                           f"{'x'.join(map(str, shape))}")

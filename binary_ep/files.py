@@ -96,6 +96,11 @@ def write_bytes(path, data):
     atomic_write(path, write)
 
 
+def write_text(path, text):
+    """``atomic_write`` of the string ``text``."""
+    write_bytes(path, text.encode())
+
+
 def remove_stale_temporaries(folder):
     """Delete the ``.*.tmp`` files a killed process (SIGKILL, power cut) left in ``folder``."""
     for name in os.listdir(folder):

@@ -11,7 +11,7 @@ import sys
 import pandas as pd
 
 from binary_ep import checkpoint, resume
-from binary_ep.files import atomic_write, lock_run_folder, remove_stale_temporaries
+from binary_ep.files import atomic_write, lock_run_folder, remove_stale_temporaries, write_text
 from binary_ep.signals import critical
 
 
@@ -66,12 +66,7 @@ def write_hyperparameters(path, args, argv):
     lines += [f"{key}: {_value(value)}" for key, value in sorted(args.given.items())]
     lines += ["", EFFECTIVE_SECTION]
     lines += [f"{key}: {_value(value)}" for key, value in sorted(vars(args).items()) if key != "given"]
-    text = "\n".join(lines) + "\n"
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    atomic_write(os.path.join(path, "Hyperparameters.txt"), write)
+    write_text(os.path.join(path, "Hyperparameters.txt"), "\n".join(lines) + "\n")
 
 
 def note_resume(path, done, argv):
@@ -83,11 +78,7 @@ def note_resume(path, done, argv):
     line = f"resumed after epoch {done}: {shlex.join(['python', 'main.py'] + list(argv))}\n"
     head, blank, rest = text.partition("\n\n")
     text = head + "\n" + line + blank[1:] + rest if blank else text + ("" if text.endswith("\n") else "\n") + line
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    atomic_write(hp, write)
+    write_text(hp, text)
 
 
 def result_columns(layer_names):

@@ -283,13 +283,13 @@ def test_a_failed_checkpoint_write_in_epoch_2_keeps_epoch_1_and_resumes(code, wo
 
 
 def test_a_failed_write_before_the_first_epoch_leaves_nothing(tmp_path, monkeypatch, capsys):
-    from binary_ep import run_folder
+    real = files.atomic_write
 
     def full(path, write):  # Hyperparameters.txt cannot be written
         if not path.endswith("Hyperparameters.txt"):
-            return files.atomic_write(path, write)
+            return real(path, write)
         raise files.WriteFailed(os.path.dirname(path), os.path.basename(path), "no space left on the device")
-    monkeypatch.setattr(run_folder, "atomic_write", full)
+    monkeypatch.setattr(files, "atomic_write", full)
     capsys.readouterr()
     assert main.main(DISK_FC.split() + ["--epochs", "1", "--outDir", str(tmp_path)]) == 4
     (line,) = error_lines(capsys.readouterr().err)
