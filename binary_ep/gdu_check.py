@@ -123,10 +123,10 @@ def gdu_rows(net, x, target, beta, Kmax, nudging="one-sided"):
     return rows
 
 
-def free_phase_residual(net, x):
-    """Largest change of any state in the last free step (0 at an exact fixed point)."""
-    _, tail, _ = free_trajectory_tail(net, x, 1)
-    return max(float((a - b).abs().max()) for a, b in zip(tail[1], tail[0]))
+def last_step_change(tail):
+    """Largest change of any state in the last step of ``free_trajectory_tail``'s ``tail`` (0 at
+    an exact fixed point)."""
+    return max(float((a - b).abs().max()) for a, b in zip(tail[-1], tail[-2]))
 
 
 def plot_gdu(df, png, title=""):
@@ -187,7 +187,7 @@ def run_gdu_check(args, net, loader, prepare, new_run_folder, trained=""):
     target = net.target(labels.to(device))
     with torch.no_grad():
         _, tail, _ = free_trajectory_tail(net, x, 1)
-        residual = max(float((a - b).abs().max()) for a, b in zip(tail[1], tail[0]))
+        residual = last_step_change(tail)
         s0 = tail[-1][0]
         flat = output_slope(s0, net.activation) == 0
         saturated = float(flat.to(torch.float64).mean())
