@@ -54,9 +54,10 @@ class Network_fc(EPNetwork):
         return [torch.ones(n, batch, device=w.device, dtype=w.dtype) for n in self.sizes[:-1]]
 
     def input_drive(self, x):
-        """``x``: the flattened images, (B, n_input).  The batch's constants during both phases: ``W[-1] x + b[-1]`` of shape (n_{L-2}, B),
-        plus the weight matrices, their contiguous transposes and the bias columns the stepper
-        uses (made once per batch instead of once per step)."""
+        """``x``: the flattened images, (B, n_input).  The batch's constants during both phases:
+        ``W[-1] x + b[-1]`` of shape (n_{L-2}, B), plus the weight matrices, their contiguous
+        transposes and the bias columns the stepper uses (made once per batch instead of once per
+        step)."""
         layer = self.W[-1]
         weights = [l.weight for l in self.W]
         return FcConstants(torch.addmm(layer.bias.unsqueeze(1), layer.weight, x.t()), weights,

@@ -40,7 +40,8 @@ class BinaryFlip(torch.optim.Optimizer):
     """Thresholded low-pass flip rule for weights stored as ``alpha * sign(w)``.
 
     One param group per layer with keys ``gamma``, ``threshold``, ``lr_alpha`` (0 = fixed alpha),
-    ``alpha_scale`` (the factor ``c`` below), ``per_channel`` and ``name``.  ``.grad`` holds the loss gradient estimate (EP writes ``-dW``).
+    ``alpha_scale`` (the factor ``c`` below), ``per_channel`` and ``name``.  ``.grad`` holds the
+    loss gradient estimate (EP writes ``-dW``).
     Per step, with ``m`` the low-pass filtered gradient (state ``filtered_grad``, starts at 0)::
 
         m <- (1 - gamma) m + gamma * grad
@@ -48,7 +49,8 @@ class BinaryFlip(torch.optim.Optimizer):
 
     and, with learnt scaling factors, alpha <- alpha - lr_alpha * c * sum(grad * w) (the EP
     estimate of -dL/dalpha scaled by c * alpha, as the original code did: c = 0.5 in its fc
-    class, 1 in its conv class), summed per output channel for convolutions.  ``step`` returns the number of flips of each layer (tensors).
+    class, 1 in its conv class), summed per output channel for convolutions.  ``step`` returns
+    the number of flips of each layer (tensors).
 
     Instead of ``.grad``, a layer's gradient may be given as a product ``scale * a @ b``
     (``set_outer_grad``): ``step`` then forms it block by block, never the whole matrix.  Such a
