@@ -375,6 +375,12 @@ def start(parser, args):
     device = select_device(parser.error, args.device, local, warn=rank == 0)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    # Imported later (the first torch.optim optimizer imports torch._dynamo, which imports it),
+    # torch.distributed.nn would capture the process group in its functions' default arguments
+    # (group=group.WORLD): destroy_process_group could not end it, and its gloo threads would
+    # release their last work while Python shuts down and abort the process (SIGABRT).  (Not
+    # "import torch.distributed.nn", which would make torch a local name of this function.)
+    from torch.distributed import nn  # noqa: F401
     try:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT,
                                 device_id=device if device.type == "cuda" else None)
@@ -390,7 +396,7 @@ def start(parser, args):
 
 
 def stop():
-    """Leave the process group (if any) and stop the heartbeat."""
+    """Stop the heartbeat and leave the process group (if any), which ends its threads."""
     global _CURRENT
     replicas, _CURRENT = _CURRENT, None
     if replicas is not None and replicas.active:

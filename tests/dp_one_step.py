@@ -1,8 +1,9 @@
 """One training step of ``main.py``'s network on the first ``--batchSize`` digits, written to
 ``OUT/rank<r>.pt``: the gradients every rank holds after ``Replicas.combine``, what the flip
-rule then did, and what the comparison of the replicas said afterwards (with
-``EP_TEST_DRIFT=<rank>`` that rank's first weight is flipped before it).  Run alone (one process: the reference) or under ``torchrun`` (each rank relaxes
-its share of the same batch)::
+rule then did, what the comparison of the replicas said afterwards (with
+``EP_TEST_DRIFT=<rank>`` that rank's first weight is flipped before it), and which threads of
+the process group's gloo backend ``distributed.stop`` left running.  Run alone (one process:
+the reference) or under ``torchrun`` (each rank relaxes its share of the same batch)::
 
     python tests/dp_one_step.py OUT <main.py arguments>
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dp_one_step.py OUT <...>
@@ -49,13 +50,15 @@ def one_step(out, argv):
         drift = None
     except distributed.StopAll as e:
         drift = str(e)
-    torch.save({"drift": drift, "weights": weights, "grads": grads, "bias_grads": bias_grads,
+    distributed.stop()  # then no thread of the process group may be left (its gloo threads end with it)
+    left = sorted(name for name in (open(f"/proc/self/task/{t}/comm").read().strip()
+                                    for t in os.listdir("/proc/self/task")) if "gloo" in name)
+    torch.save({"drift": drift, "gloo_threads_after_stop": left, "weights": weights, "grads": grads, "bias_grads": bias_grads,
                 "factored": factored, "after": after,
                 "thresholds": [g["threshold"] for g in net.optW.param_groups],
                 "gammas": [g["gamma"] for g in net.optW.param_groups],
                 "threads": torch.get_num_threads(), "world": replicas.world},
                os.path.join(out, f"rank{replicas.rank}.pt"))
-    distributed.stop()
 
 
 if __name__ == "__main__":

@@ -173,6 +173,10 @@ def test_one_step_on_two_processes_gives_the_one_process_gradient_and_flips(line
     for k in ("grads", "bias_grads", "after"):  # every rank holds the same gradient and takes the same steps
         assert all(torch.equal(g0, g1) for g0, g1 in zip(ranks[0][k], ranks[1][k]))
     b = ranks[0]
+    # distributed.stop ended the process group with its gloo threads: one left running would
+    # release its last work while Python shuts down and abort the process (SIGABRT; it did,
+    # while the optimizers' first import of torch._dynamo kept the group alive)
+    assert [r["gloo_threads_after_stop"] for r in ranks] == [[], []], ranks[0]["gloo_threads_after_stop"]
     assert a["drift"] is None
     if drift:  # the end-of-epoch comparison stops both ranks with one sentence naming the tensor
         assert ranks[0]["drift"] == ranks[1]["drift"] == (
