@@ -53,8 +53,8 @@ def one_step(out, argv):
     distributed.stop()  # then no thread of the process group may be left (its gloo threads end with it)
     left = sorted(name for name in (open(f"/proc/self/task/{t}/comm").read().strip()
                                     for t in os.listdir("/proc/self/task")) if "gloo" in name)
-    torch.save({"drift": drift, "gloo_threads_after_stop": left, "weights": weights, "grads": grads, "bias_grads": bias_grads,
-                "factored": factored, "after": after,
+    torch.save({"drift": drift, "gloo_threads_after_stop": left, "weights": weights, "grads": grads,
+                "bias_grads": bias_grads, "factored": factored, "after": after,
                 "thresholds": [g["threshold"] for g in net.optW.param_groups],
                 "gammas": [g["gamma"] for g in net.optW.param_groups],
                 "threads": torch.get_num_threads(), "world": replicas.world},
