@@ -221,6 +221,29 @@ def test_fashion_mnist_unpacked_from_a_debian_folder(tmp_path, monkeypatch):
     assert sorted(seen) == list(range(24)) and seen != list(range(24))
 
 
+def test_digits_are_scikit_learns_whether_read_from_its_file_or_through_load_digits(monkeypatch):
+    """The digits come from scikit-learn's data file, read without importing scikit-learn: the
+    same 1797 images and labels as sklearn.datasets.load_digits, in the same fixed split, and the
+    same tensors when the file is not found and load_digits reads them."""
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    order = np.random.RandomState(0).permutation(1797)
+    (xtr, ytr), (xte, yte) = direct = datasets.load_digits_split()
+    assert xtr.shape == (1437, 1, 8, 8) and xte.shape == (360, 1, 8, 8) and xtr.dtype == torch.float32
+    assert torch.equal(torch.cat([xte, xtr]), torch.tensor(d.images[order] / 16.0, dtype=torch.float32).unsqueeze(1))
+    assert torch.cat([yte, ytr]).tolist() == d.target[order].tolist()
+    monkeypatch.setattr(datasets, "_digits_file", lambda: None)
+    through = datasets.load_digits_split()
+    assert all(torch.equal(a, b) for part_a, part_b in zip(direct, through) for a, b in zip(part_a, part_b))
+
+
+def test_a_run_on_digits_does_not_import_scikit_learn():
+    code = ("import sys; from binary_ep import datasets; datasets.load_digits_split(); "
+            "print('sklearn' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
+
+
 def test_fashion_mnist_found_in_debian_folder(tmp_path):
     """The real package's folder (/usr/share/datasets/fashion-mnist), which .ci/run installs: in
     CI its absence is a failure, elsewhere the test is skipped without the package."""
