@@ -166,7 +166,8 @@ def _digits_file():
     """The path of the data file scikit-learn's ``load_digits`` reads (1797 rows: 64 pixels in
     0..16, then the label), found without importing scikit-learn; None where it is not there."""
     spec = importlib.util.find_spec("sklearn")
-    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+    folders = spec.submodule_search_locations if spec is not None else None
+    for folder in folders or []:
         path = os.path.join(folder, "datasets", "data", "digits.csv.gz")
         if os.path.isfile(path):
             return path
