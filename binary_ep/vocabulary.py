@@ -13,6 +13,8 @@ DATASETS = ("mnist", "fashion_mnist", "digits", "cifar10")
 INPUT_SHAPE = {"mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28), "digits": (1, 8, 8),
                "cifar10": (3, 32, 32)}
 N_CLASSES = 10
+# The most relaxation steps --T and --Kmax accept (a file the NumPy model reads is held to it too).
+MAX_STEPS = 1_000_000
 
 
 class UserError(Exception):
