@@ -379,12 +379,14 @@ def main(argv=None):
     """Exit codes: 0 done, 2 bad arguments or data, 3 diverged, 4 a run file could not be written
     (full disk, quota, I/O error), 5 the run folder is in use by another process, 6 (data-parallel)
     stopped because another rank failed or was lost, 130/143 interrupted (SIGINT/SIGTERM)."""
+    from binary_ep.log_stream import guarded_streams  # imports nothing heavy
     argv = sys.argv[1:] if argv is None else argv
-    previous = signals.install_signal_handlers()  # first: the imports below take seconds
-    try:
-        return _start(argv)
-    finally:  # also after an argument error (SystemExit)
-        signals.restore_signal_handlers(previous)
+    with guarded_streams():  # a log nobody reads any more (| head -1) goes silent, the run goes on
+        previous = signals.install_signal_handlers()  # first: the imports below take seconds
+        try:
+            return _start(argv)
+        finally:  # also after an argument error (SystemExit)
+            signals.restore_signal_handlers(previous)
 
 
 def _start(argv):
