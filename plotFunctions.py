@@ -22,7 +22,9 @@ epochs, workers, check, export).  Groups are numbered in the order of their firs
 Run status.  ``running``: another process holds the ``flock`` of its ``run.lock``.  ``interrupted``:
 not running and fewer rows in ``results.csv`` than the epochs it asked for (``epochs``, or the
 ``--epochs`` of its last resuming command).  ``done`` otherwise.  Unfinished runs count with the
-epochs they have.  Runs without a ``results.csv`` or with no row yet are skipped with a note.
+epochs they have.  A run without a ``results.csv``, with no row yet or with one that cannot be used
+(not a file, unreadable, a cell not a number, an epoch twice) is skipped with a one-line note; an
+output folder that cannot be written stops the script with one line and exit code 2.
 
 ``summary.csv``, one row per group (numbers in columns of their own; errors in percent):
 
@@ -73,23 +75,39 @@ COLUMNS = ["group", "arguments", "runs", "epochs_min", "epochs_max", "final_test
 
 
 def read_run(folder):
-    """The run's results as a dataframe indexed by epoch, or None when it has none yet."""
+    """The run's results as a dataframe indexed by epoch (each epoch once, every cell a number), or
+    None when it has no results.csv or no row yet; ValueError saying why it cannot be used."""
     csv = os.path.join(folder, "results.csv")
     if not os.path.exists(csv):
         return None
-    df = pd.read_csv(csv, index_col="epoch")
-    return df if len(df) else None
+    try:
+        table = pd.read_csv(csv)
+    except (OSError, ValueError) as e:  # a folder, unreadable, empty, not text, a row too long
+        why = " ".join(str(getattr(e, "strerror", None) or e).split())
+        raise ValueError(f"cannot read {csv}: {why}") from None
+    if "epoch" not in table:
+        raise ValueError(f"{csv} has no epoch column")
+    numbers = table.apply(pd.to_numeric, errors="coerce")
+    for row, col in zip(*numbers.isna().to_numpy().nonzero()):  # the first cell not a number
+        what = "empty or NaN" if pd.isna(table.iat[row, col]) else f"{table.iat[row, col]!r}, not a number"
+        raise ValueError(f"{csv}: {table.columns[col]} on line {row + 2} is {what}")
+    df = numbers.set_index("epoch")
+    wrong = ([f"{e} is not a whole number" for e in df.index if e % 1]
+             + [f"{e} appears more than once" for e in df.index[df.index.duplicated()]])
+    if wrong:
+        raise ValueError(f"{csv}: epoch {wrong[0]}")
+    return df.set_axis(df.index.astype("int64")) if len(df) else None
 
 
 def read_hyperparameters(folder):
     """``Hyperparameters.txt`` of a run as a dict: ``command`` (str or None), ``resumed`` (list of
     ``(epoch, command)``), ``given`` and ``effective`` (dicts of str; values with single spaces).
     Lines before any ``[section]`` count as effective values (older files have no sections).
-    None when the file does not exist."""
+    None when the file cannot be read."""
     try:
         with open(os.path.join(folder, "Hyperparameters.txt")) as f:
             lines = f.read().splitlines()
-    except FileNotFoundError:
+    except (OSError, ValueError):  # absent, a folder, unreadable, not text
         return None
     hp = {"command": None, "resumed": [], "given": {}, "effective": {}}
     section, bracketed = hp["effective"], False
@@ -108,11 +126,9 @@ def read_hyperparameters(folder):
             continue
         key, sep, value = line.partition(":")
         key, value = key.strip(), " ".join(value.split())
-        if not sep or not key:
-            continue
-        if key == "command" and not bracketed and hp["command"] is None:
+        if sep and key == "command" and not bracketed and hp["command"] is None:
             hp["command"] = value
-        elif section is not None:
+        elif sep and key and section is not None:
             section[key] = value
     if not hp["effective"] and hp["given"]:  # sections written without effective values
         hp["effective"] = dict(hp["given"])
@@ -156,49 +172,39 @@ def epochs_asked(hp):
         return None
 
 
-def _label(column):
-    return column.replace("_", " ")
-
-
 def _finish(ax, ylabel, name, path, log=False):
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(ylabel)
-    if log:
-        ax.set_yscale("log")
+    ax.set_yscale("log" if log else "linear")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(name if len(name) <= 90 else name[:87] + "...", fontsize=10)
     ax.figure.tight_layout()
     try:
-        _save_png(ax.figure, path)
+        _atomic(path, lambda tmp: ax.figure.savefig(tmp, dpi=110, format="png"))
     finally:
         plt.close(ax.figure)
 
 
-def _atomic(path, write):
-    """``write(tmp)`` to a hidden temporary file beside ``path``, then rename it to ``path``."""
+def _atomic(path, content):
+    """``content(tmp)`` writes (or ``content``, a str, is the text of) a hidden temporary file beside
+    ``path``, then renamed to ``path``: a crash or an error never leaves half a file where the last
+    whole one was.  An OSError names ``path``."""
     folder, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
     try:
-        write(tmp)
+        if isinstance(content, str):
+            with open(tmp, "w") as f:
+                f.write(content)
+        else:
+            content(tmp)
         os.replace(tmp, path)
+    except OSError as e:  # the file asked for, not its temporary
+        raise OSError(e.errno, e.strerror or str(e), path) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def _save_png(fig, path):
-    """Save ``fig`` as PNG through a hidden temporary file and a rename, so that a crash or an
-    error never leaves half a figure where the last whole one was."""
-    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-
-
-def _save_text(text, path):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    _atomic(path, write)
 
 
 def plot_one(folder, df):
@@ -210,21 +216,25 @@ def plot_one(folder, df):
             continue
         fig, ax = plt.subplots(figsize=(6, 4))
         for c in cols:
-            ax.plot(df.index, df[c], marker="o", markersize=3, label=_label(c))
-        positive = bool((df[cols] > 0).all().all())
+            ax.plot(df.index, df[c], marker="o", markersize=3, label=c.replace("_", " "))
         _finish(ax, ylabel, f"{title}: {name}", os.path.join(folder, f"{name}.png"),
-                log=(name == "fliprates" and positive))
+                log=name == "fliprates" and bool((df[cols] > 0).all().all()))
 
 
-def _mean_band(ax, runs, column, color):
-    """Each run's ``column`` (thin, faint) and their mean +/- std (thick line, band)."""
-    table = pd.concat([df[column].rename(run) for run, df in runs.items() if column in df], axis=1)
-    for run in table.columns:
-        ax.plot(table.index, table[run], color=color, alpha=0.3, linewidth=0.8)
-    mean, std = table.mean(axis=1), table.std(axis=1).fillna(0.0)
-    ax.plot(mean.index, mean, color=color, linewidth=2,
-            label=f"{_label(column)} (mean of {table.shape[1]})")
-    ax.fill_between(mean.index, mean - std, mean + std, color=color, alpha=0.2)
+def _bands(runs, cols, ylabel, title, path):
+    """The figure at ``path``: for each column of ``cols`` (dict ``runs``: name -> dataframe),
+    each run's values (thin, faint) and their mean +/- std across runs (thick line, band)."""
+    ax = plt.subplots(figsize=(7, 4.5))[1]
+    for i, column in enumerate(cols):
+        table = pd.concat([df[column].rename(run) for run, df in runs.items() if column in df], axis=1)
+        for run in table.columns:
+            ax.plot(table.index, table[run], color=f"C{i % 10}", alpha=0.3, linewidth=0.8)
+        mean, std = table.mean(axis=1), table.std(axis=1).fillna(0.0)
+        ax.plot(mean.index, mean, color=f"C{i % 10}", linewidth=2,
+                label=f"{column.replace('_', ' ')} (mean of {table.shape[1]})")
+        ax.fill_between(mean.index, mean - std, mean + std, color=f"C{i % 10}", alpha=0.2)
+    _finish(ax, ylabel, title, path)
+    return path
 
 
 def plot_summary(runs, out_folder):
@@ -232,14 +242,9 @@ def plot_summary(runs, out_folder):
     written = []
     for name, (ylabel, columns) in FIGURES.items():
         cols = sorted({c for df in runs.values() for c in columns(df)})
-        if not cols:
-            continue
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for i, c in enumerate(cols):
-            _mean_band(ax, runs, c, f"C{i % 10}")
-        path = os.path.join(out_folder, f"summary_{name}.png")
-        _finish(ax, ylabel, f"{name}: {len(runs)} run(s), mean +/- std", path)
-        written.append(path)
+        if cols:
+            written.append(_bands(runs, cols, ylabel, f"{name}: {len(runs)} run(s), mean +/- std",
+                                  os.path.join(out_folder, f"summary_{name}.png")))
     return written
 
 
@@ -249,12 +254,8 @@ def plot_group(number, label, runs, out_folder):
     cols = [c for c in ("test_error", "train_error") if any(c in df for df in runs.values())]
     if not cols:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, c in enumerate(cols):
-        _mean_band(ax, runs, c, f"C{i}")
-    path = os.path.join(out_folder, f"group_{number}_errors.png")
-    _finish(ax, "error (%)", f"group {number}: {label} ({len(runs)} run(s))", path)
-    return path
+    return _bands(runs, cols, "error (%)", f"group {number}: {label} ({len(runs)} run(s))",
+                  os.path.join(out_folder, f"group_{number}_errors.png"))
 
 
 def run_folders(folder):
@@ -296,15 +297,15 @@ def load_runs(found, per_run=True):
     for name, folder in found:
         try:
             df = read_run(folder)
-        except ValueError as e:  # unreadable or without an epoch column
-            print(f"note: {name}: results.csv unreadable ({e}), skipped", file=sys.stderr)
+        except ValueError as e:  # results.csv not a file, unreadable or damaged
+            print(f"note: {name} skipped: {e}; repair it to include this run", file=sys.stderr)
             continue
         if df is None:
             print(f"note: {name}: no results.csv or no epoch in it yet, skipped", file=sys.stderr)
             continue
         hp = read_hyperparameters(folder)
         if hp is None:
-            print(f"note: {name}: no Hyperparameters.txt, grouped with the runs without one",
+            print(f"note: {name}: no readable Hyperparameters.txt, grouped with the runs without one",
                   file=sys.stderr)
             hp = {"command": None, "resumed": [], "given": {}, "effective": {}}
         asked = epochs_asked(hp)
@@ -345,10 +346,8 @@ def summarize(groups, labels):
         dfs = [r["df"] for r in members]
         final_test = pd.Series([_final(df, "test_error") for df in dfs], dtype=float)
         final_train = pd.Series([_final(df, "train_error") for df in dfs], dtype=float)
-        best = pd.Series([df["test_error"].min() if "test_error" in df else float("nan")
-                          for df in dfs], dtype=float)
-        best_at = [str(df["test_error"].idxmin()) if "test_error" in df and df["test_error"].notna().any()
-                   else "?" for df in dfs]
+        best = pd.Series([df["test_error"].min() if "test_error" in df else None for df in dfs], dtype=float)
+        best_at = [str(df["test_error"].idxmin()) if "test_error" in df else "?" for df in dfs]  # no NaN: read_run
         seconds = [df["epoch_seconds"] for df in dfs if "epoch_seconds" in df]
         epochs = [len(df) for df in dfs]
         rows.append({
@@ -367,18 +366,12 @@ def summarize(groups, labels):
 
 def _pm(mean, std):
     """``mean +/- std`` with two decimals; the mean alone when std is missing; "" without mean."""
-    if pd.isna(mean):
-        return ""
-    return f"{mean:.2f}" if pd.isna(std) else f"{mean:.2f} +/- {std:.2f}"
-
-
-def _cell(text):
-    return str(text).replace("|", "\\|")
+    return "" if pd.isna(mean) else f"{mean:.2f}" if pd.isna(std) else f"{mean:.2f} +/- {std:.2f}"
 
 
 def _table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return lines + ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return lines + ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
 
 
 def markdown(summary, groups):
@@ -397,19 +390,14 @@ def markdown(summary, groups):
     lines = _table(["group", "arguments", "runs", "epochs", "final test error (%)",
                     "best test error (%)", "best at epoch", "final train error (%)", "s / epoch",
                     "status"], rows)
-    lines.append("")
-    lines.append("Errors: mean +/- sample std (ddof = 1) over the group's runs; best at epoch: one "
-                 "epoch per run, in the order of the runs below.")
+    lines += ["", "Errors: mean +/- sample std (ddof = 1) over the group's runs; best at epoch: one "
+                 "epoch per run, in the order of the runs below."]
     if unfinished:
         lines.append("`*` the group holds runs still running or interrupted: they count with the "
                      "epochs they have.")
-    run_rows = []
-    for number, members in enumerate(groups, 1):
-        for r in members:
-            df = r["df"]
-            run_rows.append([r["name"], number, len(df), r["status"],
-                             _pm(_final(df, "test_error"), None),
-                             _pm(df["test_error"].min() if "test_error" in df else None, None)])
+    run_rows = [[r["name"], number, len(r["df"]), r["status"], _pm(_final(r["df"], "test_error"), None),
+                 _pm(r["df"]["test_error"].min() if "test_error" in r["df"] else None, None)]
+                for number, members in enumerate(groups, 1) for r in members]
     lines += [""] + _table(["run", "group", "epochs", "status", "final test error (%)",
                             "best test error (%)"], run_rows)
     return "\n".join(lines) + "\n"
@@ -417,25 +405,31 @@ def markdown(summary, groups):
 
 def main(argv):
     """``argv[1:]``: folders to summarise (output in the current folder); none: the folder of
-    this file (output there).  Exit code 0, or 1 when no run has results."""
+    this file (output there).  Exit code 0; 1 when no run has results; 2 when the output folder
+    cannot be written."""
     here = os.path.dirname(os.path.abspath(__file__))
     dirs, out = (argv[1:], os.getcwd()) if len(argv) > 1 else ([here], here)
     runs = load_runs(find_runs(dirs, qualified=len(argv) > 1))
     if not runs:
         print(f"no S-<n> run with a results.csv in {' '.join(dirs)}", file=sys.stderr)
         return 1
-    written = plot_summary({r["name"]: r["df"] for r in runs}, out)
     groups, labels = group_runs(runs)
     summary = summarize(groups, labels)
-    for number, (members, label) in enumerate(zip(groups, labels), 1):
-        path = plot_group(number, label, {r["name"]: r["df"] for r in members}, out)
-        written += [path] if path else []
-    for stale in glob.glob(os.path.join(out, "group_*_errors.png")):  # of groups gone since
-        if stale not in written:
-            os.remove(stale)
     text = markdown(summary, groups)
-    _atomic(os.path.join(out, "summary.csv"), lambda tmp: summary.to_csv(tmp, index=False))
-    _save_text(text, os.path.join(out, "summary.md"))
+    try:
+        written = plot_summary({r["name"]: r["df"] for r in runs}, out)
+        for number, (members, label) in enumerate(zip(groups, labels), 1):
+            path = plot_group(number, label, {r["name"]: r["df"] for r in members}, out)
+            written += [path] if path else []
+        for stale in set(glob.glob(os.path.join(out, "group_*_errors.png"))) - set(written):
+            os.remove(stale)  # of groups gone since
+        _atomic(os.path.join(out, "summary.csv"), lambda tmp: summary.to_csv(tmp, index=False))
+        _atomic(os.path.join(out, "summary.md"), text)
+    except OSError as e:  # a read-only (or full) output folder
+        print(f"plotFunctions.py: error: cannot write {e.filename or out} ({e.strerror or e}); run it in a "
+              f"folder you can write to: cd <that folder> && python {os.path.abspath(__file__)} "
+              f"{' '.join(os.path.abspath(d) for d in dirs)}", file=sys.stderr)
+        return 2
     print(text, end="")
     print(f"plotted {len(runs)} run(s) in {len(groups)} group(s); wrote summary.csv, summary.md and "
           f"{len(written)} figure(s) in {out}", file=sys.stderr)
