@@ -1,14 +1,14 @@
 """Reference free phase of a 1-bit export (``binary_model.npz``, see ``binary_ep.export``) in
-NumPy alone: no torch, no other file of the project is needed to read the model and relax it.
+NumPy alone: no torch, and of the project only ``binary_ep.model_file``, the file's reader.
 
-``load_model(path)`` reads and checks the file (``ExportError``, one sentence naming the file,
-for anything that is not a readable export of a known version); ``free_phase(model, x)`` runs
-the free phase on a batch of images ``x`` (B, C, H, W), already scaled as ``meta
-["input_scaling"]`` says (``scale_input`` does it from raw pixels), and returns the predictions
-(B,) and the output states (B, 10).  The arithmetic is float64 by default: the sums of a
-convolution of binary weights are then exact often enough that max-pool ties come out as ties
-and the first position wins, where float32 rounding (PyTorch's) may pick another; away from
-such ties PyTorch's float32 states agree to about 3e-7 on the digits networks of the tests,
+``load_model(path)`` (from ``binary_ep.model_file``) reads the file and checks all of it
+(``ExportError``, one line naming the file, for anything an export never holds);
+``free_phase(model, x)`` runs the free phase on a batch of images ``x`` (B, C, H, W), already
+scaled as ``meta["input_scaling"]`` says (``scale_input`` does it from raw pixels), and returns
+the predictions (B,) and the output states (B, 10).  The arithmetic is float64 by default: the
+sums of a convolution of binary weights are then exact often enough that max-pool ties come out
+as ties and the first position wins, where float32 rounding (PyTorch's) may pick another; away
+from such ties PyTorch's float32 states agree to about 3e-7 on the digits networks of the tests,
 and PyTorch in float64 to 1e-15.
 
 Dynamics (DESIGN.md sections 4 and 5): every state starts at 1, then ``T`` synchronous steps,
@@ -27,199 +27,14 @@ puts each pooled value back where its maximum was (zeros elsewhere).  Command li
 ``python -m binary_ep.numpy_reference S-<n>/binary_model.npz`` prints the model summary.
 """
 
-import json
-import os
-import struct
 import sys
-import zipfile
-import zlib
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-FORMAT_VERSION = 1
-KINDS = ("fc", "conv")
-ACTIVATIONS = ("hardsigm", "sigm", "tanh")
-# what a damaged file can raise while numpy.load reads it
-_READ_ERRORS = (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, struct.error, zlib.error,
-                NotImplementedError)
-
-
-class ExportError(ValueError):
-    """A file that is not a readable binary-EP export (one line that names the file), or a
-    network that cannot be written as one (``binary_ep.export``)."""
-
-
-class Layer:
-    """One layer: ``name``, ``kind`` ("fc" or "conv"), ``weight`` float32 ``alpha * sign`` of
-    shape (out, in) or (out_channels, in_channels, kh, kw), ``alpha`` float32 (1,) or
-    (out_channels,), ``bias`` float32 (out,); convolutions also ``input``, ``conv``, ``pool``:
-    the (C, H, W) sizes of their input, of the convolution and of the max-pool."""
-
-    def __init__(self, name, kind, weight, alpha, bias):
-        self.name, self.kind, self.weight, self.alpha, self.bias = name, kind, weight, alpha, bias
-        self.input = self.conv = self.pool = None
-
-
-class Model:
-    """A loaded export: ``path``, ``meta`` (the JSON dict), ``layers`` (output first), ``fc`` and
-    ``conv`` (the two parts, each output/top first), ``activation``, ``T``, ``padding``,
-    ``kernel_size``, ``pool_size``, ``input_shape`` (C, H, W)."""
-
-    def __init__(self, path, meta, layers):
-        self.path, self.meta, self.layers = path, meta, layers
-        self.fc = [l for l in layers if l.kind == "fc"]
-        self.conv = [l for l in layers if l.kind == "conv"]
-        self.activation, self.T = meta["activation"], int(meta["T"])
-        self.padding, self.kernel_size = meta.get("padding"), meta.get("kernel_size")
-        self.pool_size = meta.get("pool_size")
-        self.input_shape = tuple(int(v) for v in meta["input_shape"])
-
-
-# -- reading ---------------------------------------------------------------------------------------
-def _one_line(e):
-    text = str(e).strip() or type(e).__name__
-    return " ".join(text.split())
-
-
-def unpack_signs(bits, shape):
-    """Sign bits (``numpy.packbits`` order) -> +1/-1 float32 array of ``shape``."""
-    n = int(np.prod(shape))
-    on = np.unpackbits(bits, count=n, bitorder="big").reshape(shape)
-    return np.where(on == 1, np.float32(1), np.float32(-1))
-
-
-def _read_arrays(name):
-    def fail(reason):
-        raise ExportError(f"{name} is not a binary-EP export ({reason})")
-    try:
-        with open(name, "rb") as f:
-            head = f.read(4)
-        if head.startswith(b"\x93NUM"):
-            fail("a single .npy array, not an .npz archive")
-        if head != b"PK\x03\x04":
-            fail("not an .npz archive: no zip header at its start")
-        with np.load(name, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-        odd = [k for k, v in arrays.items() if not isinstance(v, np.ndarray)]
-        if odd:
-            fail(f"its member {odd[0]} is not a .npy array")
-        return arrays
-    except ExportError:
-        raise
-    except FileNotFoundError:
-        raise ExportError(f"{name} does not exist") from None
-    except zipfile.BadZipFile as e:
-        fail(f"a damaged or truncated .npz archive: {_one_line(e)}")
-    except _READ_ERRORS as e:
-        fail(_one_line(e))
-
-
-def _array(arrays, key, name, kinds, ndim=1):
-    if key not in arrays:
-        raise ExportError(f"{name} is not a binary-EP export (the array {key} is missing)")
-    a = arrays[key]
-    if a.dtype.kind not in kinds or a.ndim != ndim:
-        raise ExportError(f"{name} is not a binary-EP export ({key} is {a.dtype} of shape {a.shape})")
-    return a
-
-
-def _meta(arrays, name):
-    version = _array(arrays, "format_version", name, "iu")
-    if version.shape != (1,):
-        raise ExportError(f"{name} is not a binary-EP export (format_version has shape {version.shape})")
-    if int(version[0]) != FORMAT_VERSION:
-        raise ExportError(f"{name} has format version {int(version[0])}, this reader knows {FORMAT_VERSION}")
-    raw = _array(arrays, "meta", name, "u")
-    try:
-        meta = json.loads(raw.astype(np.uint8).tobytes().decode("utf-8"))
-    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise ExportError(f"{name} is not a binary-EP export (meta is not UTF-8 JSON: "
-                          f"{_one_line(e)})") from None
-    need = ("archi", "activation", "T", "layer_names", "input_shape")
-    missing = [k for k in need if not isinstance(meta, dict) or k not in meta]
-    if missing or meta.get("format") != "binary-ep":
-        raise ExportError(f"{name} is not a binary-EP export (meta lacks {', '.join(missing) or 'format'})")
-    if meta["activation"] not in ACTIVATIONS:
-        raise ExportError(f"{name} uses the activation {meta['activation']!r}, this reader knows "
-                          f"{', '.join(ACTIVATIONS)}")
-    shape = meta["input_shape"]
-    if meta["archi"] not in KINDS or not _ints(meta["T"], 0) or not (
-            isinstance(shape, list) and len(shape) == 3 and all(_ints(v, 1) for v in shape)):
-        raise ExportError(f"{name} is not a binary-EP export (meta archi {meta['archi']!r}, T "
-                          f"{meta['T']!r} or input_shape {shape!r} is not valid)")
-    return meta
-
-
-def _ints(v, least):
-    return isinstance(v, int) and not isinstance(v, bool) and v >= least
-
-
-def _layer(arrays, name, layer_name):
-    key = layer_name + "."
-    shape = tuple(int(v) for v in _array(arrays, key + "shape", name, "iu"))
-    bits = _array(arrays, key + "bits", name, "u")
-    alpha = _array(arrays, key + "alpha", name, "f").astype(np.float32)
-    bias = _array(arrays, key + "bias", name, "f").astype(np.float32)
-    n = int(np.prod(shape)) if shape else 0
-    bad = None
-    if len(shape) not in (2, 4) or min(shape) <= 0:
-        bad = f"{key}shape is {shape}"
-    elif bits.dtype != np.uint8 or bits.size != (n + 7) // 8:
-        bad = f"{key}bits holds {bits.size} bytes for {n} weights"
-    elif n % 8 and int(bits[-1]) & (0xFF >> (n % 8)):
-        bad = f"the unused bits of {key}bits are not 0"
-    elif alpha.shape not in ((1,), (shape[0],)) or not np.all(alpha > 0):
-        bad = f"{key}alpha has shape {alpha.shape} or a value <= 0"
-    elif bias.shape != (shape[0],):
-        bad = f"{key}bias has shape {bias.shape} for {shape[0]} outputs"
-    if bad:
-        raise ExportError(f"{name} is not a binary-EP export ({bad})")
-    a = alpha.reshape((-1,) + (1,) * (len(shape) - 1)) if alpha.size > 1 else alpha[0]
-    weight = (unpack_signs(bits, shape) * a).astype(np.float32)
-    return Layer(layer_name, "fc" if len(shape) == 2 else "conv", weight, alpha, bias)
-
-
-def _check_chain(model, name):
-    """Every layer's input size matches what feeds it; fills the conv geometry."""
-    def fail(reason):
-        raise ExportError(f"{name} is not a binary-EP export ({reason})")
-    kinds = [l.kind for l in model.layers]
-    archi = "conv" if model.conv else "fc"
-    if kinds != sorted(kinds, key=KINDS.index) or not model.fc or model.meta["archi"] != archi:
-        fail(f"layers {kinds} do not make an {model.meta['archi']} network")
-    size = model.input_shape
-    if model.conv:
-        k, p, f = model.kernel_size, model.padding, model.pool_size
-        if not (_ints(k, 1) and _ints(p, 0) and _ints(f, 1)):
-            fail("kernel_size, padding or pool_size is missing")
-        for layer in reversed(model.conv):
-            c_out, c_in, kh, kw = layer.weight.shape
-            hc, wc = size[1] - kh + 1 + 2 * p, size[2] - kw + 1 + 2 * p
-            if c_in != size[0] or kh != k or kw != k or min(hc, wc) < f:
-                fail(f"{layer.name} of shape {layer.weight.shape} cannot read {size}")
-            layer.input, layer.conv = size, (c_out, hc, wc)
-            layer.pool = size = (c_out, (hc - f) // f + 1, (wc - f) // f + 1)
-    n_in = int(np.prod(size))
-    for layer in reversed(model.fc):
-        if layer.weight.shape[1] != n_in:
-            fail(f"{layer.name} reads {layer.weight.shape[1]} values, {n_in} feed it")
-        n_in = layer.weight.shape[0]
-
-
-def load_model(path):
-    """Read a ``binary_model.npz`` (``numpy.load(..., allow_pickle=False)``) into a ``Model``.
-    Raises ``ExportError`` (a ``ValueError``), one line naming the file, for a missing or
-    unreadable file, a missing or malformed array, or another format version."""
-    name = os.fspath(path)
-    arrays = _read_arrays(name)
-    meta = _meta(arrays, name)
-    names = meta["layer_names"]
-    if not isinstance(names, list) or not names or not all(isinstance(v, str) for v in names):
-        raise ExportError(f"{name} is not a binary-EP export (meta layer_names is {names!r})")
-    model = Model(name, meta, [_layer(arrays, name, v) for v in names])
-    _check_chain(model, name)
-    return model
+# the file's reader; its names are this module's too (binary_ep.export, main.py, the README use them)
+from binary_ep.model_file import (ACTIVATIONS, FORMAT_VERSION, KINDS, MAX_STEPS, ExportError,  # noqa: F401
+                                  Layer, Model, load_model, unpack_signs)
 
 
 # -- the operations, on (B, C, H, W) arrays -------------------------------------------------------
