@@ -7,7 +7,6 @@ builds the fc or conv network, trains and tests it epoch by epoch and writes the
 
 import argparse
 import importlib
-import math
 import os
 import random
 import shlex
@@ -36,7 +35,7 @@ def build_parser():
         "Per-layer lists (--gamma, --gradThreshold, --lrBias, --lrAlpha, ...) are ordered from the "
         "OUTPUT layer down; --layersList is written input first, --convList top first.")
     a = p.add_argument_group("hardware")
-    a.add_argument("--device", type=int, default=0, help="GPU index (0, 1, ...), -1 for the CPU "
+    a.add_argument("--device", type=int, default=0, help="GPU index (0..127), -1 for the CPU "
                    "(default 0; falls back to the CPU with a warning when CUDA is unavailable)")
     a = p.add_argument_group("architecture")
     a.add_argument("--archi", choices=("fc", "conv"), default="fc", help="fc or conv (default fc)")
@@ -50,9 +49,10 @@ def build_parser():
     a = p.add_argument_group("EqProp")
     a.add_argument("--activationFun", choices=ACTIVATIONS, default="hardsigm",
                    help="activation (default hardsigm = clamp(x, 0, 1))")
-    a.add_argument("--T", type=int, default=50, help="free phase steps (default 50)")
-    a.add_argument("--Kmax", type=int, default=10, help="nudged phase steps (default 10)")
-    a.add_argument("--beta", type=float, default=0.3, help="nudging strength (default 0.3)")
+    a.add_argument("--T", type=int, default=50, help="free phase steps, at most 1000000 (default 50)")
+    a.add_argument("--Kmax", type=int, default=10, help="nudged phase steps, at most 1000000 (default 10)")
+    a.add_argument("--beta", type=float, default=0.3, help="nudging strength, either sign; beta and "
+                   "1/(beta B) for every batch size B must be normal float32 numbers (default 0.3)")
     a.add_argument("--random_beta", type=int, choices=(0, 1), default=0,
                    help="1: draw the sign of beta per mini-batch (default 0)")
     a.add_argument("--nudging", choices=("one-sided", "symmetric"), default="one-sided",
@@ -78,9 +78,11 @@ def build_parser():
     a.add_argument("--epochs", type=int, default=50, help="number of epochs (default 50)")
     a.add_argument("--dataDir", default="./data", help="torchvision data root (default ./data)")
     a.add_argument("--outDir", default=".", help="where DATA-0-... folders go (default .)")
-    a.add_argument("--seed", type=int, help="random seed (default: drawn and recorded)")
-    a.add_argument("--trainSubset", type=int, help="use only the first N training samples")
-    a.add_argument("--testSubset", type=int, help="use only the first N test samples")
+    a.add_argument("--seed", type=int, help="random seed, 0..4294967295 (torch keeps 32 bits); the "
+                   "sign of beta is drawn from (seed + 1) mod 2^32 (default: drawn and recorded)")
+    a.add_argument("--trainSubset", type=int, help="use only the first N training samples (the "
+                   "number used is recorded)")
+    a.add_argument("--testSubset", type=int, help="use only the first N test samples (idem)")
     a.add_argument("--resume", metavar="PATH", help="continue the run in this S-X folder")
     a.add_argument("--workers", type=int, default=2, help="data-loading worker processes for "
                    "CIFAR-10's augmentation (default 2; 0: in the main process; may change on resume)")
@@ -108,7 +110,11 @@ def _n_layers(args):
 
 
 def normalise(parser, args, given):
-    """Fill architecture-dependent defaults, merge the conv split spellings, check list lengths."""
+    """Fill architecture-dependent defaults, merge the conv split spellings, check list lengths,
+    cap ``--trainSubset``/``--testSubset`` at the data set's size (so a resumed run's re-typed
+    value compares equal with the number it used)."""
+    from binary_ep.limits import MAX_COUNT
+    from binary_ep.vocabulary import N_SAMPLES
     defaults = DEFAULT_LISTS_FC if args.archi == "fc" else DEFAULT_LISTS_CONV
     for name in ("layersList", "convList"):
         if getattr(args, name) is None:
@@ -154,39 +160,16 @@ def normalise(parser, args, given):
     args.lrAlpha = list(args.lrAlpha) if args.lrAlpha else [0.0] * n
     if len(args.lrAlpha) != n:
         parser.error(f"--lrAlpha needs {n} values for {layout}, got {len(args.lrAlpha)}")
+    for k, name in enumerate(("trainSubset", "testSubset")):  # more than the data set has: all
+        if N_SAMPLES[args.dataset][k] < (getattr(args, name) or 0) <= MAX_COUNT:  # (more: validate)
+            setattr(args, name, N_SAMPLES[args.dataset][k])
 
 
 def validate(parser, args):
-    """Every value check; runs before anything is created on disk."""
+    """Every value check; runs before anything is created on disk (the range of every numeric
+    flag: ``binary_ep.limits``)."""
     from binary_ep.vocabulary import INPUT_SHAPE, N_CLASSES, UserError, conv_geometry
-    positive = {"T": args.T, "Kmax": args.Kmax, "batchSize": args.batchSize,
-                "test_batchSize": args.test_batchSize, "epochs": args.epochs,
-                "kernelSize": args.kernelSize, "Fpool": args.Fpool,
-                "epochDecayLrAlpha": args.epochDecayLrAlpha}
-    if args.workers < 0:
-        parser.error(f"--workers must be 0 or more, got {args.workers}")
-    for opt in ("trainSubset", "testSubset"):
-        if getattr(args, opt) is not None:
-            positive[opt] = getattr(args, opt)
-    for name, value in positive.items():
-        if value <= 0:
-            parser.error(f"--{name} must be a positive integer, got {value}")
-    for name in ("layersList",) + (("convList",) if args.archi == "conv" else ()):
-        bad = [v for v in getattr(args, name) if v <= 0]
-        if bad:
-            parser.error(f"--{name} sizes must be positive integers, got {bad[0]}")
-    if args.padding < 0:
-        parser.error(f"--padding must be 0 or more, got {args.padding}")
-    if not math.isfinite(args.beta) or args.beta == 0:
-        parser.error(f"--beta must be a finite non-zero number, got {args.beta}")
-    if not math.isfinite(args.decayLrAlpha) or args.decayLrAlpha <= 0:
-        parser.error(f"--decayLrAlpha must be positive, got {args.decayLrAlpha}")
-    for name, low_ok, high in (("gamma", False, 1.0), ("gradThreshold", True, None),
-                               ("lrBias", True, None), ("lrAlpha", True, None)):
-        for v in getattr(args, name):
-            if not math.isfinite(v) or v < 0 or (v == 0 and not low_ok) or (high and v > high):
-                rng = "in (0, 1]" if high else "0 or more"
-                parser.error(f"--{name} values must be {rng}, got {v}")
+    checked(parser, args)
     if args.layersList[-1] != N_CLASSES:
         parser.error(f"--layersList must end with {N_CLASSES} output units (the classes), got "
                      f"{args.layersList[-1]}")
@@ -211,6 +194,16 @@ def validate(parser, args):
     check_out_dir(parser, args.outDir)
 
 
+def checked(parser, args, names=None):
+    """``binary_ep.limits.check_arguments(args, names)``, its ``UserError`` as the parser's error."""
+    from binary_ep.limits import check_arguments
+    from binary_ep.vocabulary import UserError
+    try:
+        check_arguments(args, names)
+    except UserError as e:
+        parser.error(str(e))
+
+
 def check_out_dir(parser, out_dir):
     probe = os.path.abspath(out_dir)
     while not os.path.exists(probe):
@@ -233,6 +226,7 @@ def parse(argv):
     if args.resume:
         from binary_ep.resume import resumed_args
         args = resumed_args(parser, args, given, RESUME_FREE, normalise)
+        checked(parser, args, ("epochs", "workers", "device"))  # the numbers that may change
         return parser, args, argv
     normalise(parser, args, given)
     validate(parser, args)
@@ -247,10 +241,16 @@ def architecture(archi):
     return importlib.import_module(f"Network_{archi}"), importlib.import_module(f"Tools_{archi}")
 
 
-def build_network(args):
-    """``Network_<archi>.Network_<archi>(args)``: the network ``--archi`` names."""
+def build_network(args, device="cpu"):
+    """``Network_<archi>.Network_<archi>(args)``, the network ``--archi`` names, on ``device``,
+    once ``binary_ep.memory`` found that it fits there (else one ``UserError`` sentence)."""
+    import torch
+
+    from binary_ep import distributed, memory
+    device = torch.device(device)
+    memory.check_memory(args, device, distributed.current().world)
     network, _ = architecture(args.archi)
-    return getattr(network, f"Network_{args.archi}")(args)
+    return getattr(network, f"Network_{args.archi}")(args).to(device)
 
 
 def plot_run(path):
@@ -281,6 +281,7 @@ def run(args, argv, parser):
     from binary_ep import checkpoint, distributed, files
     from binary_ep.datasets import load_data
     from binary_ep.estimators import make_estimator
+    from binary_ep.limits import derived_seeds
     from binary_ep.loops import Diverged, quiet
     from binary_ep.run_folder import open_run
     _, tools = architecture(args.archi)
@@ -290,15 +291,16 @@ def run(args, argv, parser):
         return 0
     if args.export:
         from binary_ep.export import export_run
-        return export_run(args.resume, build_network(args))
+        return export_run(args.resume, build_network(args, replicas.device))
     device, root = replicas.device, replicas.rank == 0
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed % 2 ** 32)
-    generators = {"data": torch.Generator().manual_seed(args.seed),
-                  "beta": torch.Generator().manual_seed(args.seed + 1)}
+    seeds = derived_seeds(args.seed)  # all distinct from the beta one, all in 0..2^32 - 1
+    torch.manual_seed(seeds["torch"])
+    np.random.seed(seeds["numpy"])
+    generators = {"data": torch.Generator().manual_seed(seeds["data"]),
+                  "beta": torch.Generator().manual_seed(seeds["beta"])}
     train_loader, test_loader = replicas.root_first(lambda: load_data(
         args, generators["data"], pin_memory=device.type == "cuda", share=replicas.share))
-    net = build_network(args).to(device)
+    net = build_network(args, device)
     if args.check == "gdu":
         from binary_ep.gdu_check import check_command
         return check_command(args, argv, net, tools, train_loader)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import torch.utils.data
 
 from binary_ep.files import atomic_write
-from binary_ep.vocabulary import INPUT_SHAPE, N_CLASSES, UserError
+from binary_ep.vocabulary import INPUT_SHAPE, N_CLASSES, N_SAMPLES, UserError
 
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -175,7 +175,8 @@ def _digits_file():
 
 
 def load_digits_split():
-    """scikit-learn's 8x8 digits as (N, 1, 8, 8) in [0, 1]; a fixed split: 1437 train, 360 test.
+    """scikit-learn's 8x8 digits as (N, 1, 8, 8) in [0, 1]; a fixed split: 1437 train, 360 test
+    (``N_SAMPLES``).
     Read straight from scikit-learn's data file (importing scikit-learn would add over a second
     to every run's start); through ``sklearn.datasets.load_digits`` where that file is not found."""
     path = _digits_file()
@@ -189,8 +190,8 @@ def load_digits_split():
     x = torch.tensor(pixels, dtype=torch.float32).div_(16.0).reshape(-1, 1, 8, 8)
     y = torch.tensor(labels, dtype=torch.long)
     order = torch.from_numpy(np.random.RandomState(0).permutation(len(y)))
-    x, y = x[order], y[order]
-    return [(x[360:], y[360:]), (x[:360], y[:360])]
+    x, y, n_test = x[order], y[order], N_SAMPLES["digits"][1]
+    return [(x[n_test:], y[n_test:]), (x[:n_test], y[:n_test])]
 
 
 CIFAR10_FILES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
@@ -198,11 +199,12 @@ CIFAR10_FILES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4",
 
 
 def augmentation_seed(seed, epoch, index):
-    """The seed of the generator that augments sample ``index`` (of the full training set) in
-    ``epoch``: the first 8 bytes, little-endian, of BLAKE2b over the text ``"seed epoch index"``
-    (torch's CPU generator keeps the low 32 bits of it)."""
+    """The seed (0 .. 2^32 - 1) of the generator that augments sample ``index`` (of the full
+    training set) in ``epoch``: the low 32 bits of the 8-byte BLAKE2b digest of the text ``"seed
+    epoch index"`` read little-endian, i.e. its first 4 bytes (torch's CPU generator kept only
+    those bits of the whole 8-byte value used before: the same augmentation)."""
     digest = hashlib.blake2b(f"{seed} {epoch} {index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
+    return int.from_bytes(digest[:4], "little")
 
 
 class CIFAR10Images(torch.utils.data.Dataset):
@@ -319,12 +321,20 @@ def _load_cifar10(data_dir, train):
     return x.permute(0, 3, 1, 2).contiguous(), y
 
 
+def _record_used(args, name, n):
+    """A given ``--trainSubset``/``--testSubset`` becomes the ``n`` samples used."""
+    if getattr(args, name) is not None:
+        setattr(args, name, n)
+
+
 def load_data(args, generator, pin_memory=False, share=(0, 1)):
     """Train and test loaders for ``args.dataset`` (first ``--trainSubset``/``--testSubset``
-    samples when given).  Batches are (x of shape (B, C, H, W), labels).  With ``share=(rank,
-    world)`` (data-parallel training) every batch is rank ``rank``'s share (``share_bounds``) of
-    the global batch a single process would draw from the same ``generator``; the train loader's
-    ``global_sizes`` lists the global batches' sizes (the EP estimate divides by them).
+    samples when given; ``args.trainSubset``/``args.testSubset`` are then set to the numbers of
+    samples used, at most the data set's, which the run folder records).  Batches are (x of
+    shape (B, C, H, W), labels).  With ``share=(rank, world)`` (data-parallel training) every
+    batch is rank ``rank``'s share (``share_bounds``) of the global batch a single process would
+    draw from the same ``generator``; the train loader's ``global_sizes`` lists the global
+    batches' sizes (the EP estimate divides by them).
 
     CIFAR-10: ``DataLoader``s with ``args.workers`` worker processes (0: the main process) and
     ``pin_memory`` (give True when training on CUDA); the training set is shuffled by
@@ -340,6 +350,7 @@ def load_data(args, generator, pin_memory=False, share=(0, 1)):
         for train, n, bs in ((True, train_n, args.batchSize), (False, test_n, args.test_batchSize)):
             images = CIFAR10Images(*_load_cifar10(args.dataDir, train), augment=train, seed=args.seed)
             ds = images if n is None else data.Subset(images, range(min(n, len(images))))
+            _record_used(args, "trainSubset" if train else "testSubset", len(ds))
             # the sampler and batches DataLoader(shuffle=train, generator=...) would make itself
             order = data.RandomSampler(ds, generator=generator) if train else data.SequentialSampler(ds)
             batches = ShareOfBatches(data.BatchSampler(order, bs, drop_last=False), share, len(ds))
@@ -360,5 +371,7 @@ def load_data(args, generator, pin_memory=False, share=(0, 1)):
         xtr, ytr = xtr[:train_n], ytr[:train_n]
     if test_n is not None:
         xte, yte = xte[:test_n], yte[:test_n]
+    _record_used(args, "trainSubset", len(ytr))
+    _record_used(args, "testSubset", len(yte))
     return (TensorBatches(xtr, ytr, args.batchSize, True, generator, share),
             TensorBatches(xte, yte, args.test_batchSize, False, share=share))

@@ -1,7 +1,8 @@
 """The command-line vocabulary, importable without torch (so that ``--help`` and most bad
-invocations answer at once): the data sets, activations and image sizes, the convolution
-geometry of DESIGN.md section 5 (``conv_geometry``), ``UserError`` (the one-line error a user can
-fix), the argparse ``Parser`` with one-line errors and the seed's ``-- layersList`` spelling."""
+invocations answer at once): the data sets, activations, image sizes and sample counts, the
+convolution geometry of DESIGN.md section 5 (``conv_geometry``), ``UserError`` (the one-line error
+a user can fix), the argparse ``Parser`` with one-line errors and the seed's ``-- layersList``
+spelling."""
 
 import argparse
 import re
@@ -13,6 +14,9 @@ DATASETS = ("mnist", "fashion_mnist", "digits", "cifar10")
 INPUT_SHAPE = {"mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28), "digits": (1, 8, 8),
                "cifar10": (3, 32, 32)}
 N_CLASSES = 10
+# (training, test) samples of each data set (digits: scikit-learn's 1797 images, split 1437/360)
+N_SAMPLES = {"mnist": (60000, 10000), "fashion_mnist": (60000, 10000), "digits": (1437, 360),
+             "cifar10": (50000, 10000)}
 # The most relaxation steps --T and --Kmax accept (a file the NumPy model reads is held to it too).
 MAX_STEPS = 1_000_000
 
@@ -54,7 +58,8 @@ def conv_geometry(args, input_shape):
 
     conv out = in - kernelSize + 1 + 2 padding; pool out = floor((conv out - Fpool) / Fpool) + 1.
     A layer whose size reaches 0 raises ``UserError``: one sentence naming the layer and the
-    smallest ``--padding`` that keeps every layer at least 1x1.
+    smallest ``--padding`` that keeps every layer at least 1x1 (at most the images' largest
+    side, the most ``--padding`` accepts, ``binary_ep.limits``).
     """
     channels, k, p, fp = list(args.convList), args.kernelSize, args.padding, args.Fpool
     layers = _sizes(input_shape, channels, k, p, fp)
@@ -65,7 +70,7 @@ def conv_geometry(args, input_shape):
         _, conv, pool = layers[bad]
         size = "x".join(str(max(v, 0)) for v in (conv[1:] if min(conv[1:]) <= 0 else pool[1:]))
         stage = "its convolution" if min(conv[1:]) <= 0 else f"its {fp}x{fp} max-pool"
-        fix = next((q for q in range(p + 1, p + 4 * (k + fp) + max(input_shape[1:]))
+        fix = next((q for q in range(p + 1, max(input_shape[1:]) + 1)
                     if _first_bad(_sizes(input_shape, channels, k, q, fp)) is None), None)
         advice = (f"--padding {fix} keeps every layer at least 1x1" if fix is not None else
                   "use fewer convolution layers or a smaller --kernelSize/--Fpool")
