@@ -13,6 +13,8 @@ all runs), then groups the runs by their effective hyperparameters and writes on
 ``group_<i>_errors.png`` per group (mean test and train error +/- std, each run faint behind),
 ``summary.csv`` and ``summary.md`` (the Markdown table that it also prints).  It reads only each
 run's ``results.csv``, ``Hyperparameters.txt`` and ``run.lock``, so edit your copy freely.
+bin_W_N runs' ``train_error_single``/``test_error_single`` (the first output neuron of each class
+alone) are drawn dashed in the colour of ``train_error``/``test_error`` wherever those are drawn.
 
 Groups.  Two runs are in one group when their effective values (``[effective values]`` of
 ``Hyperparameters.txt``: every argument, defaults filled in; in older files without sections, the
@@ -32,10 +34,12 @@ output folder that cannot be written stops the script with one line and exit cod
   ``key=value`` separated by spaces, ``?`` where a run did not record the key; ``all runs`` with
   one group), ``runs`` (how many);
 * ``epochs_min``, ``epochs_max``: epochs completed by its shortest and longest run;
-* ``final_test_error_mean``/``_std``: test error at each run's last epoch; ``best_test_error_mean``/
-  ``_std``: each run's lowest test error; ``best_epochs``: the epochs those were reached at, in the
-  order of ``members``; ``final_train_error_mean``/``_std``: train error at the last epoch;
-  every std is the sample std (ddof = 1), empty for a group of one run;
+* ``final_test_error_mean``/``_std``: test error at each run's last epoch;
+  ``final_test_error_single_mean``/``_std``: the same of ``test_error_single`` over the runs that
+  have it, empty when none has (the Markdown cell adds ``(k of n runs)`` when not all have it);
+  ``best_test_error_mean``/``_std``: each run's lowest test error; ``best_epochs``: the epochs
+  those were reached at, in the order of ``members``; ``final_train_error_mean``/``_std``: train
+  error at the last epoch; every std is the sample std (ddof = 1), empty for a group of one run;
 * ``seconds_per_epoch_mean``: ``epoch_seconds`` averaged over every epoch of every run in it;
 * ``running``, ``interrupted``: how many of its runs are still running / were interrupted;
 * ``members``: its runs' names, separated by spaces.
@@ -58,20 +62,20 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import pandas as pd  # noqa: E402
 
+ERRORS = [c + s for s in ("", "_single") for c in ("train_error", "test_error")]  # _single: bin_W_N only
 FIGURES = {
-    "errors": ("error (%)", lambda df: [c for c in ("train_error", "test_error") if c in df]),
+    "errors": ("error (%)", lambda df: [c for c in ERRORS if c in df]),
     "losses": ("loss per sample", lambda df: [c for c in ("train_loss", "test_loss") if c in df]),
     "fliprates": ("weights flipped per epoch (% of the layer)",
                   lambda df: [c for c in df.columns if c.startswith("fliprate_")]),
     "alpha": ("scaling factor alpha", lambda df: [c for c in df.columns if c.startswith("alpha_")]),
 }
 # Arguments that do not change what a run learns: runs differing only in them form one group.
-SAME_GROUP = frozenset(("seed", "outDir", "dataDir", "resume", "device", "epochs", "workers",
-                        "check", "export"))
+SAME_GROUP = frozenset("seed outDir dataDir resume device epochs workers check export".split())
 COLUMNS = ["group", "arguments", "runs", "epochs_min", "epochs_max", "final_test_error_mean",
-           "final_test_error_std", "best_test_error_mean", "best_test_error_std", "best_epochs",
-           "final_train_error_mean", "final_train_error_std", "seconds_per_epoch_mean", "running",
-           "interrupted", "members"]
+           "final_test_error_std", "final_test_error_single_mean", "final_test_error_single_std",
+           "best_test_error_mean", "best_test_error_std", "best_epochs", "final_train_error_mean",
+           "final_train_error_std", "seconds_per_epoch_mean", "running", "interrupted", "members"]
 
 
 def read_run(folder):
@@ -207,6 +211,14 @@ def _atomic(path, content):
             os.remove(tmp)
 
 
+def _styles(cols):
+    """``{column: (colour, linestyle, label)}`` in the order of ``cols``: matplotlib's colour cycle,
+    each ``<x>_error_single`` (bin_W_N) dashed in the colour of ``<x>_error``, ``<x> (first neuron)``."""
+    colour = {c: f"C{i % 10}" for i, c in enumerate(c for c in cols if not c.endswith("_single"))}
+    return {c: (colour[c], "-", c.replace("_", " ")) if c in colour else
+            (colour.get(c[:-7], "C9"), "--", c.replace("_error_single", " (first neuron)")) for c in cols}
+
+
 def plot_one(folder, df):
     """The four figures of one run, saved in its folder."""
     title = os.path.basename(os.path.normpath(folder))
@@ -214,9 +226,9 @@ def plot_one(folder, df):
         cols = columns(df)
         if not cols:
             continue
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for c in cols:
-            ax.plot(df.index, df[c], marker="o", markersize=3, label=c.replace("_", " "))
+        ax = plt.subplots(figsize=(6, 4))[1]
+        for c, (colour, dash, label) in _styles(cols).items():
+            ax.plot(df.index, df[c], color=colour, linestyle=dash, marker="o", markersize=3, label=label)
         _finish(ax, ylabel, f"{title}: {name}", os.path.join(folder, f"{name}.png"),
                 log=name == "fliprates" and bool((df[cols] > 0).all().all()))
 
@@ -225,14 +237,14 @@ def _bands(runs, cols, ylabel, title, path):
     """The figure at ``path``: for each column of ``cols`` (dict ``runs``: name -> dataframe),
     each run's values (thin, faint) and their mean +/- std across runs (thick line, band)."""
     ax = plt.subplots(figsize=(7, 4.5))[1]
-    for i, column in enumerate(cols):
+    for column, (colour, dash, label) in _styles(cols).items():
         table = pd.concat([df[column].rename(run) for run, df in runs.items() if column in df], axis=1)
         for run in table.columns:
-            ax.plot(table.index, table[run], color=f"C{i % 10}", alpha=0.3, linewidth=0.8)
+            ax.plot(table.index, table[run], color=colour, linestyle=dash, alpha=0.3, linewidth=0.8)
         mean, std = table.mean(axis=1), table.std(axis=1).fillna(0.0)
-        ax.plot(mean.index, mean, color=f"C{i % 10}", linewidth=2,
-                label=f"{column.replace('_', ' ')} (mean of {table.shape[1]})")
-        ax.fill_between(mean.index, mean - std, mean + std, color=f"C{i % 10}", alpha=0.2)
+        ax.plot(mean.index, mean, color=colour, linestyle=dash, linewidth=2,
+                label=f"{label} (mean of {table.shape[1]})")
+        ax.fill_between(mean.index, mean - std, mean + std, color=colour, alpha=0.2)
     _finish(ax, ylabel, title, path)
     return path
 
@@ -249,13 +261,11 @@ def plot_summary(runs, out_folder):
 
 
 def plot_group(number, label, runs, out_folder):
-    """``group_<number>_errors.png``: the group's test and train error, mean +/- std, each run
-    faint behind; None when its runs have no error column."""
-    cols = [c for c in ("test_error", "train_error") if any(c in df for df in runs.values())]
-    if not cols:
-        return None
+    """``group_<number>_errors.png``: the group's test and train error (and first-neuron errors),
+    mean +/- std, each run faint behind; None when its runs have no error column."""
+    cols = [c for c in sorted(ERRORS) if any(c in df for df in runs.values())]  # test first
     return _bands(runs, cols, "error (%)", f"group {number}: {label} ({len(runs)} run(s))",
-                  os.path.join(out_folder, f"group_{number}_errors.png"))
+                  os.path.join(out_folder, f"group_{number}_errors.png")) if cols else None
 
 
 def run_folders(folder):
@@ -344,19 +354,18 @@ def summarize(groups, labels):
     rows = []
     for number, (members, label) in enumerate(zip(groups, labels), 1):
         dfs = [r["df"] for r in members]
-        final_test = pd.Series([_final(df, "test_error") for df in dfs], dtype=float)
-        final_train = pd.Series([_final(df, "train_error") for df in dfs], dtype=float)
-        best = pd.Series([df["test_error"].min() if "test_error" in df else None for df in dfs], dtype=float)
+        stats = {f"final_{c}": pd.Series([_final(df, c) for df in dfs], dtype=float)  # NaN: a run lacks c
+                 for c in ("test_error", "test_error_single", "train_error")}
+        stats["best_test_error"] = pd.Series([df["test_error"].min() if "test_error" in df else None
+                                              for df in dfs], dtype=float)
         best_at = [str(df["test_error"].idxmin()) if "test_error" in df else "?" for df in dfs]  # no NaN: read_run
         seconds = [df["epoch_seconds"] for df in dfs if "epoch_seconds" in df]
         epochs = [len(df) for df in dfs]
         rows.append({
             "group": number, "arguments": label, "runs": len(members),
             "epochs_min": min(epochs), "epochs_max": max(epochs),
-            "final_test_error_mean": final_test.mean(), "final_test_error_std": final_test.std(),
-            "best_test_error_mean": best.mean(), "best_test_error_std": best.std(),
+            **{f"{c}_{k}": getattr(v, k)() for c, v in stats.items() for k in ("mean", "std")},
             "best_epochs": " ".join(best_at),
-            "final_train_error_mean": final_train.mean(), "final_train_error_std": final_train.std(),
             "seconds_per_epoch_mean": pd.concat(seconds).mean() if seconds else float("nan"),
             "running": sum(r["status"] == "running" for r in members),
             "interrupted": sum(r["status"] == "interrupted" for r in members),
@@ -382,14 +391,15 @@ def markdown(summary, groups):
         unfinished |= bool(star)
         span = f"{s['epochs_min']}" + (f"-{s['epochs_max']}" if s["epochs_max"] != s["epochs_min"] else "")
         status = ", ".join(f"{s[k]} {k}" for k in ("running", "interrupted") if s[k]) or "done"
-        rows.append([s["group"], s["arguments"], s["runs"], span + star,
-                     _pm(s["final_test_error_mean"], s["final_test_error_std"]),
-                     _pm(s["best_test_error_mean"], s["best_test_error_std"]), s["best_epochs"],
-                     _pm(s["final_train_error_mean"], s["final_train_error_std"]),
-                     _pm(s["seconds_per_epoch_mean"], None), status])
+        having = sum("test_error_single" in r["df"] for r in members)  # a mixed group says how many
+        test, single, best, train = (_pm(s[f"{k}_mean"], s[f"{k}_std"]) for k in (
+            "final_test_error", "final_test_error_single", "best_test_error", "final_train_error"))
+        single += f" ({having} of {s['runs']} runs)" if 0 < having < s["runs"] else ""
+        rows.append([s["group"], s["arguments"], s["runs"], span + star, test, single, best,
+                     s["best_epochs"], train, _pm(s["seconds_per_epoch_mean"], None), status])
     lines = _table(["group", "arguments", "runs", "epochs", "final test error (%)",
-                    "best test error (%)", "best at epoch", "final train error (%)", "s / epoch",
-                    "status"], rows)
+                    "final test error, first neuron (%)", "best test error (%)", "best at epoch",
+                    "final train error (%)", "s / epoch", "status"], rows)
     lines += ["", "Errors: mean +/- sample std (ddof = 1) over the group's runs; best at epoch: one "
                  "epoch per run, in the order of the runs below."]
     if unfinished:

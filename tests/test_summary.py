@@ -1,6 +1,8 @@
 """plotFunctions.py as a user runs it in a date folder: runs grouped by their effective
 hyperparameters, summary.csv / summary.md / the printed Markdown table with hand-computed means
-and sample stds, one figure per group, running and interrupted runs, several folders at once."""
+and sample stds, one figure per group, running and interrupted runs, several folders at once;
+bin_W_N runs' first-neuron errors (``train_error_single``, ``test_error_single``) in the figures
+and the table, beside bin_W runs without them (in-process through ``plotFunctions.main``)."""
 
 import csv
 import fcntl
@@ -10,7 +12,9 @@ import shutil
 import subprocess
 import sys
 
+import matplotlib.colors
 import matplotlib.image
+import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 
@@ -24,13 +28,17 @@ BASE = {"Fpool": "2", "Kmax": "8", "T": "30", "activationFun": "hardsigm", "arch
         "layersList": "64 512 10", "outDir": "runs", "resume": "None", "seed": "0", "workers": "0"}
 
 
-def write_run(folder, test, train=None, seconds=None, given=None, resumed=(), old=False, **effective):
+def write_run(folder, test, train=None, seconds=None, given=None, resumed=(), old=False, single=None,
+              **effective):
     """An S-<n> folder: results.csv with these per-epoch errors and seconds, and a
-    Hyperparameters.txt whose effective values are BASE updated with ``effective``."""
+    Hyperparameters.txt whose effective values are BASE updated with ``effective``.  ``single``:
+    the per-epoch test error of the first output neuron of each class (a bin_W_N run), written
+    with ``train_error_single`` (half of it) right after ``test_error``; None: a bin_W run."""
     epochs = len(test)
     train = train if train is not None else [e / 2 for e in test]
     seconds = seconds if seconds is not None else [1.0] * epochs
-    df = pd.DataFrame({"train_error": train, "test_error": test, "train_loss": [0.1] * epochs,
+    first = {} if single is None else {"train_error_single": [e / 2 for e in single], "test_error_single": single}
+    df = pd.DataFrame({"train_error": train, "test_error": test, **first, "train_loss": [0.1] * epochs,
                        "test_loss": [0.2] * epochs, "flips_fc0": [5.0] * epochs,
                        "flips_fc1": [7.0] * epochs, "fliprate_fc0": [1.0] * epochs,
                        "fliprate_fc1": [0.5] * epochs, "alpha_fc0": [0.03] * epochs,
@@ -121,9 +129,9 @@ def test_two_groups_of_three_runs_give_hand_computed_means_and_stds(tmp_path):
     md = (date / "summary.md").read_text()
     assert r.stdout == md
     rows = [line for line in md.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
-    assert rows[0] == ("| 1 | T=30 beta=0.5 | 3 | 3 | 12.00 +/- 2.00 | 11.33 +/- 2.52 | 2 1 3 "
-                       "| 7.00 +/- 2.65 | 2.67 | done |")
-    assert rows[1].startswith("| 2 | T=20 beta=0.2 | 3 | 2-4 | 22.00 +/- 3.46 | 21.33 +/- 2.31 | 2 4 2 |")
+    assert rows[0] == ("| 1 | T=30 beta=0.5 | 3 | 3 | 12.00 +/- 2.00 |  | 11.33 +/- 2.52 | 2 1 3 "
+                       "| 7.00 +/- 2.65 | 2.67 | done |")  # no first-neuron error: an empty cell
+    assert rows[1].startswith("| 2 | T=20 beta=0.2 | 3 | 2-4 | 22.00 +/- 3.46 |  | 21.33 +/- 2.31 | 2 4 2 |")
     assert "`*`" not in md
     for n in (1, 2):
         assert_png(date / f"group_{n}_errors.png")
@@ -268,7 +276,7 @@ def test_a_group_of_one_run_has_empty_std_cells(tmp_path):
     assert rows[1]["runs"] == "1" and float(rows[1]["final_test_error_mean"]) == 25.0
     for col in ("final_test_error_std", "best_test_error_std", "final_train_error_std"):
         assert rows[1][col] == ""
-    assert "| 2 | beta=0.9 | 1 | 2 | 25.00 | 25.00 | 2 | 15.00 | 1.00 | done |" in out
+    assert "| 2 | beta=0.9 | 1 | 2 | 25.00 |  | 25.00 | 2 | 15.00 | 1.00 | done |" in out
 
 
 def test_runs_without_results_are_skipped_with_a_note(tmp_path):
@@ -282,3 +290,124 @@ def test_runs_without_results_are_skipped_with_a_note(tmp_path):
     s = summary(date)
     assert s.loc[1, "runs"] == 1 and s.loc[1, "members"] == "S-1"
     assert s.loc[1, "final_test_error_mean"] == 8.0
+
+
+BIN_W_N = {"binary_settings": "bin_W_N", "activationFun": "heaviside", "rho_threshold": "0.5",
+           "gamma_neur": "0.5"}
+
+
+def plot_in_process(date, monkeypatch, capsys, save=()):
+    """``python plotFunctions.py`` in ``date``, in this process: (exit code, stdout, stderr lines,
+    the labelled lines of every figure: ``{file name: [(label, colour, linestyle)]}``, colours as
+    ``C<i>`` where they are colour <i> of matplotlib's cycle).  Only the figures named in ``save``
+    are written (saving is what costs time)."""
+    drawn, finish = {}, plotFunctions._finish
+    cycle = {matplotlib.colors.to_hex(f"C{i}"): f"C{i}" for i in range(10)}
+
+    def to_hex(colour):
+        return cycle.get(matplotlib.colors.to_hex(colour), colour)
+
+    def recording(ax, ylabel, name, path, log=False):
+        where = os.path.relpath(path, date)
+        drawn[where] = [(line.get_label(), to_hex(line.get_color()), line.get_linestyle())
+                        for line in ax.get_lines() if not line.get_label().startswith("_")]
+        return finish(ax, ylabel, name, path, log) if where in save else plt.close(ax.figure)
+
+    monkeypatch.setattr(plotFunctions, "_finish", recording)
+    monkeypatch.setattr(plotFunctions, "__file__", str(date / "plotFunctions.py"))
+    capsys.readouterr()
+    code = plotFunctions.main(["plotFunctions.py"])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, err.splitlines(), drawn
+
+
+def test_first_neuron_errors_are_drawn_dashed_and_bin_W_runs_unchanged(tmp_path, monkeypatch, capsys):
+    date = date_folder(tmp_path)
+    write_run(date / "S-1", test=[30, 20, 10], single=[40, 30, 20], **BIN_W_N)
+    write_run(date / "S-2", test=[32, 22, 12], single=[44, 34, 24], seed=1, **BIN_W_N)
+    write_run(date / "S-3", test=[31, 21, 11], binary_settings="bin_W")
+    saved = ("S-1/errors.png", "summary_errors.png", "group_1_errors.png")
+    code, _, _, drawn = plot_in_process(date, monkeypatch, capsys, save=saved)
+    assert code == 0
+    assert drawn["S-1/errors.png"] == [("train error", "C0", "-"), ("test error", "C1", "-"),
+                                       ("train (first neuron)", "C0", "--"), ("test (first neuron)", "C1", "--")]
+    assert drawn["S-3/errors.png"] == [("train error", "C0", "-"), ("test error", "C1", "-")]
+    assert drawn["S-3/losses.png"] == [("train loss", "C0", "-"), ("test loss", "C1", "-")]
+    assert drawn["summary_errors.png"] == [("test error (mean of 3)", "C0", "-"),
+                                           ("test (first neuron) (mean of 2)", "C0", "--"),
+                                           ("train error (mean of 3)", "C1", "-"),
+                                           ("train (first neuron) (mean of 2)", "C1", "--")]
+    assert drawn["group_1_errors.png"] == [("test error (mean of 2)", "C0", "-"),
+                                           ("test (first neuron) (mean of 2)", "C0", "--"),
+                                           ("train error (mean of 2)", "C1", "-"),
+                                           ("train (first neuron) (mean of 2)", "C1", "--")]
+    assert drawn["group_2_errors.png"] == [("test error (mean of 1)", "C0", "-"),
+                                           ("train error (mean of 1)", "C1", "-")]
+    for png in saved:
+        assert_png(date / png)
+
+
+def test_the_table_carries_the_final_first_neuron_test_error(tmp_path, monkeypatch, capsys):
+    date = date_folder(tmp_path)
+    # group 1 (bin_W_N): final first-neuron test errors 20, 24, 25 -> 23 +/- sqrt(7)
+    write_run(date / "S-1", test=[30, 12], single=[40, 20], epochs=2, **BIN_W_N)
+    write_run(date / "S-2", test=[30, 14], single=[41, 24], epochs=2, seed=1, **BIN_W_N)
+    write_run(date / "S-3", test=[30, 16], single=[42, 25], epochs=2, seed=2, **BIN_W_N)
+    # group 2 (bin_W): no first-neuron columns, every number as before
+    write_run(date / "S-4", test=[30, 10], epochs=2, binary_settings="bin_W")
+    write_run(date / "S-5", test=[30, 14], epochs=2, seed=3, binary_settings="bin_W")
+    code, out, _, _ = plot_in_process(date, monkeypatch, capsys)
+    assert code == 0
+    s = summary(date)
+    assert list(s.reset_index().columns) == plotFunctions.COLUMNS
+    assert plotFunctions.COLUMNS[5:9] == ["final_test_error_mean", "final_test_error_std",
+                                          "final_test_error_single_mean", "final_test_error_single_std"]
+    assert s.loc[1, "final_test_error_single_mean"] == pytest.approx(23.0)
+    assert s.loc[1, "final_test_error_single_std"] == pytest.approx(math.sqrt(7))
+    assert s.loc[1, "final_test_error_mean"] == pytest.approx(14.0)
+    with open(date / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows[1]["final_test_error_single_mean"] == "" and rows[1]["final_test_error_single_std"] == ""
+    assert float(rows[1]["final_test_error_mean"]) == 12.0
+    assert float(rows[1]["final_test_error_std"]) == pytest.approx(math.sqrt(8))
+    lines = out.splitlines()
+    assert lines[0] == ("| group | arguments | runs | epochs | final test error (%) | final test error, first "
+                        "neuron (%) | best test error (%) | best at epoch | final train error (%) | s / epoch "
+                        "| status |")
+    assert lines[2] == ("| 1 | activationFun=heaviside binary_settings=bin_W_N gamma_neur=0.5 rho_threshold=0.5 "
+                        "| 3 | 2 | 14.00 +/- 2.00 | 23.00 +/- 2.65 | 14.00 +/- 2.00 | 2 2 2 | 7.00 +/- 1.00 "
+                        "| 1.00 | done |")
+    assert lines[3] == ("| 2 | activationFun=hardsigm binary_settings=bin_W gamma_neur=? rho_threshold=? | 2 | 2 "
+                        "| 12.00 +/- 2.83 |  | 12.00 +/- 2.83 | 2 2 | 6.00 +/- 1.41 | 1.00 | done |")
+    assert (date / "summary.md").read_text() == out
+
+
+def test_a_group_mixing_runs_with_and_without_first_neuron_errors(tmp_path, monkeypatch, capsys):
+    date = date_folder(tmp_path)
+    write_run(date / "S-1", test=[30, 20, 10], single=[40, 30, 10])
+    write_run(date / "S-2", test=[30, 20, 12], seed=1)  # written without the columns
+    write_run(date / "S-3", test=[30, 20, 14], single=[40, 30, 14], seed=2)
+    write_run(date / "S-4", test=[30, 20, 14], single=[40, 30, 14], seed=3)
+    df = pd.read_csv(date / "S-4" / "results.csv", dtype=str)
+    df.loc[1, "test_error_single"] = "abc"  # a cell of a first-neuron column that is text
+    df.to_csv(date / "S-4" / "results.csv", index=False)
+    code, out, err, drawn = plot_in_process(date, monkeypatch, capsys, save=("group_1_errors.png",))
+    assert code == 0
+    assert err[0] == (f"note: S-4 skipped: {date / 'S-4' / 'results.csv'}: test_error_single on line 3 is "
+                      f"'abc', not a number; repair it to include this run")
+    assert len(err) == 2 and err[1].startswith("plotted 3 run(s) in 1 group(s)")
+    s = summary(date)
+    assert s.loc[1, "members"] == "S-1 S-2 S-3"
+    assert s.loc[1, "final_test_error_single_mean"] == pytest.approx(12.0)  # S-1 and S-3 only
+    assert s.loc[1, "final_test_error_single_std"] == pytest.approx(math.sqrt(8))
+    assert s.loc[1, "final_test_error_mean"] == pytest.approx(12.0)
+    assert s.loc[1, "final_test_error_std"] == pytest.approx(2.0)
+    assert "| 1 | all runs | 3 | 3 | 12.00 +/- 2.00 | 12.00 +/- 2.83 (2 of 3 runs) | 12.00 +/- 2.00 |" in out
+    assert drawn["group_1_errors.png"] == [("test error (mean of 3)", "C0", "-"),
+                                           ("test (first neuron) (mean of 2)", "C0", "--"),
+                                           ("train error (mean of 3)", "C1", "-"),
+                                           ("train (first neuron) (mean of 2)", "C1", "--")]
+    assert drawn["S-2/errors.png"] == [("train error", "C0", "-"), ("test error", "C1", "-")]
+    assert_png(date / "group_1_errors.png")
+    assert "S-4/errors.png" not in drawn
