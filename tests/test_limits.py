@@ -153,12 +153,14 @@ def measured(net, args, x, labels):
     """Bytes of the tensors a network really holds after one EP step on ``x``: parameters,
     gradients, filter buffers, and for the training batch the free and nudged phases' states and
     max-pool indices with the input ``x``."""
-    estimator = make_estimator(args, torch.Generator().manual_seed(0))
+    estimator, batch = make_estimator(args, torch.Generator().manual_seed(0)), x.shape[0]
     with torch.no_grad():
         target = net.target(labels)
         estimator.compute_gradient(net, x, target)
         net.updateWeights()
-        phases = net.phases(x, target, args.beta)  # free and nudged states
+        drive = net.input_drive(x)  # the free and the nudged phase of the batch
+        free = net.relax(net.initHidden(batch), drive, args.T)
+        phases = (free, net.relax(free.states, drive, args.Kmax, target, args.beta))
     params = list(net.parameters())
     held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for p in phases
             for t in p.states + [i for v in p.last_step.values() for i in v]}  # shared once
