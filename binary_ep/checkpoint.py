@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from binary_ep.files import write_bytes
+from binary_ep.vocabulary import UserError
 
 
 def rng_state():
@@ -42,8 +43,10 @@ def checkpoint_bytes(payload):
 
 
 def load_checkpoint(path, net, generators):
-    """Restore what ``save_checkpoint`` wrote; returns the epoch it was taken after."""
+    """Restore what ``save_checkpoint`` wrote (once ``check_network`` found its tensors shaped
+    like ``net``'s); returns the epoch it was taken after."""
     payload = torch.load(os.path.join(path, "checkpoint.pt"), map_location="cpu", weights_only=False)
+    check_network(path, payload.get("model"), net)
     net.load_state_dict(payload["model"])
     net.optW.load_state_dict(payload["optW"])
     net.optB.load_state_dict(payload["optB"])
@@ -53,3 +56,30 @@ def load_checkpoint(path, net, generators):
     return payload["epoch"]
 
 
+def check_network(path, model, net):
+    """``UserError`` unless the saved state_dict ``model`` of ``path/checkpoint.pt`` has exactly
+    ``net``'s tensors, each of ``net``'s shape (``W.0.weight`` of an fc net: (layersList[-1],
+    layersList[-2])); ``net`` is built from the checkpoint's own arguments, so a mismatch is a
+    checkpoint whose arguments were edited, or whose tensors are another run's."""
+    ckpt = os.path.join(path, "checkpoint.pt")
+    advice = "restore checkpoint.pt from a copy or start a new run"
+    if not isinstance(model, dict):
+        raise UserError(f"{ckpt} holds no network (no 'model' state); it is damaged: {advice}")
+    needed = net.state_dict()
+    for name, tensor in needed.items():
+        if name not in model:
+            raise UserError(f"{ckpt} has no tensor {name}, which the network its arguments describe "
+                            f"needs: {advice}")
+        shape = tuple(getattr(model[name], "shape", ()))
+        if shape != tuple(tensor.shape):
+            raise UserError(f"{ckpt}: tensor {name} is {_shape(shape)} but the network its arguments "
+                            f"describe needs {_shape(tensor.shape)} (its arguments were edited, or its "
+                            f"tensors are another run's): {advice}")
+    extra = sorted(set(model) - set(needed))
+    if extra:
+        raise UserError(f"{ckpt} has tensors the network its arguments describe does not have "
+                        f"({', '.join(extra)}): {advice}")
+
+
+def _shape(shape):
+    return "x".join(str(n) for n in shape) if len(shape) else "a scalar"

@@ -1,7 +1,10 @@
 """Run folders: ``<outDir>/DATA-0-<archi>-<dataset>/<date>/S-<n>``, ``Hyperparameters.txt`` and
 ``results.csv`` (DESIGN.md section 7)."""
 
+import csv
 import datetime
+import io
+import math
 import os
 import re
 import shlex
@@ -12,7 +15,9 @@ import pandas as pd
 
 from binary_ep import checkpoint, resume
 from binary_ep.files import atomic_write, lock_run_folder, remove_stale_temporaries, write_text
+from binary_ep.files import reason_of
 from binary_ep.signals import critical
+from binary_ep.vocabulary import UserError
 
 
 def run_root(out_dir, archi, dataset, date=None):
@@ -73,12 +78,61 @@ def note_resume(path, done, argv):
     """Add ``resumed after epoch <done>: <command>`` under the command lines of the run's
     ``Hyperparameters.txt`` (the sections below stay as they were)."""
     hp = os.path.join(path, "Hyperparameters.txt")
-    with open(hp) as f:
-        text = f.read()
+    text = read_text(hp)
     line = f"resumed after epoch {done}: {shlex.join(['python', 'main.py'] + list(argv))}\n"
     head, blank, rest = text.partition("\n\n")
     text = head + "\n" + line + blank[1:] + rest if blank else text + ("" if text.endswith("\n") else "\n") + line
     write_text(hp, text)
+
+
+RESUMED = re.compile(r"resumed after epoch \d+: ")
+
+
+def read_text(path):
+    """The text of the run file ``path`` (Hyperparameters.txt, results.csv), which must be UTF-8:
+    a byte that is not, or a file that cannot be read, is one ``UserError`` naming the file."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise UserError(f"{path} cannot be read ({reason_of(e)}); make it readable or restore it "
+                        f"from a copy") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{path} is damaged: line {line} holds the byte 0x{data[e.start]:02x}, which is "
+                        f"not UTF-8 text; retype that line in a text editor or restore the file from "
+                        f"a copy") from None
+
+
+def read_hyperparameters(path):
+    """``path/Hyperparameters.txt`` read back: ``(given, effective)``, the ``name: value`` lines of
+    its sections ``[arguments as given]`` and ``[effective values]`` as dicts of strings, as
+    ``write_hyperparameters`` wrote them (lists space-separated).  The oldest format (before
+    commit 4e77073) has no sections: its value lines under the command are ``vars(args)``, every
+    argument as the run used it, so they are the effective values and ``given`` is empty.
+    Comments and the ``command:`` and ``resumed after epoch N:`` lines are no values."""
+    given, effective = {}, {}
+    sections = {GIVEN_SECTION: given, EFFECTIVE_SECTION: effective}
+    current, head = effective, True  # before any section: the oldest format's values
+    for line in read_text(os.path.join(path, "Hyperparameters.txt")).splitlines():
+        if line in sections:
+            current, head = sections[line], False
+        elif not line.startswith("#") and not (head and (line.startswith("command: ") or RESUMED.match(line))):
+            name, sep, value = line.partition(": ")
+            if sep:
+                current[name] = value
+    return given, effective
+
+
+def recorded_differences(path, values, names):
+    """The ``names`` whose value in ``values`` (``{name: value}`` as a run uses them) is not the
+    effective value ``path/Hyperparameters.txt`` records: ``[(name, value, recorded value)]``, both
+    as the file writes them; a name the file does not record is not compared."""
+    _, effective = read_hyperparameters(path)
+    return [(n, _value(values[n]), effective[n]) for n in names
+            if n in effective and _value(values[n]) != effective[n]]
 
 
 def result_columns(layer_names):
@@ -89,15 +143,70 @@ def result_columns(layer_names):
 
 
 def init_results(path, layer_names):
-    """An empty results dataframe with the run's columns (or the existing ``results.csv``)."""
-    csv = os.path.join(path, "results.csv")
-    if os.path.exists(csv):
-        # pandas 3 reads floats back exactly by default (and deprecates the option)
-        exact = {} if int(pd.__version__.split(".")[0]) >= 3 else {"float_precision": "round_trip"}
-        return pd.read_csv(csv, index_col="epoch", **exact)
+    """An empty results dataframe with the run's columns (or the existing ``results.csv``, read
+    back and checked by ``read_results``)."""
+    results = os.path.join(path, "results.csv")
+    if os.path.exists(results):
+        return read_results(results)
     df = pd.DataFrame(columns=result_columns(layer_names), dtype=float)
     df.index.name = "epoch"
     return df
+
+
+def read_results(path):
+    """The ``results.csv`` at ``path`` as ``update_results`` wrote it: a dataframe of floats (the
+    values exactly as written) indexed by ``epoch`` (int64).  Every row must be sound, or it is one
+    ``UserError`` naming the line, the epoch and the column: an epoch that is a positive integer,
+    above the row before it (each epoch once, in order), as many cells as the header, and each
+    cell a finite number.  No column can be NaN or infinite in a run's own file: the errors and
+    losses are sums divided by ``max(n, 1)``, a fliprate divides by the layer's weight count,
+    non-finite states, biases and alpha stop training (``Diverged``) before their epoch is saved."""
+    reader = csv.reader(io.StringIO(read_text(path), newline=""))
+    header, epochs, rows, lines = None, [], [], {}
+
+    def bad(what):
+        return UserError(f"{path} line {reader.line_num}{what}; restore results.csv from a copy or "
+                         f"start a new run")
+    try:
+        for cells in reader:
+            if not cells:
+                continue  # a blank line holds nothing
+            if header is None:
+                header = cells
+                if header[0] != "epoch":
+                    raise bad(f": the first column is {header[0]!r}, not 'epoch'")
+                continue
+            if not re.fullmatch(r"[0-9]+", cells[0]) or int(cells[0]) == 0:
+                raise bad(f": the epoch {cells[0]!r} is not a positive integer")
+            epoch = int(cells[0])
+            if epoch in lines:
+                raise bad(f" (epoch {epoch}): epoch {epoch} again, first on line {lines[epoch]}")
+            if epochs and epoch < epochs[-1]:
+                raise bad(f" (epoch {epoch}): epoch {epoch} after epoch {epochs[-1]}; the rows go in epoch order")
+            if len(cells) != len(header):
+                raise bad(f" (epoch {epoch}) has {len(cells)} cells, the header {len(header)}")
+            rows.append([_number(cell, name, bad, epoch) for name, cell in zip(header[1:], cells[1:])])
+            epochs.append(epoch)
+            lines[epoch] = reader.line_num
+    except csv.Error as e:
+        raise bad(f" is not CSV ({e})") from None
+    if header is None:
+        raise UserError(f"{path} is empty (not even its header line); restore it from a copy or start "
+                        f"a new run")
+    return pd.DataFrame(rows, columns=header[1:], index=pd.Index(epochs, dtype="int64", name="epoch"),
+                        dtype=float)
+
+
+def _number(cell, name, bad, epoch):
+    """The float of the results.csv ``cell`` of column ``name``; ``bad(what)`` makes the error."""
+    try:
+        value = float(cell)
+    except ValueError:
+        raise bad(f" (epoch {epoch}), column {name}: " + ("the cell is empty" if not cell.strip() else
+                                                           f"{cell!r} is not a number")) from None
+    if not math.isfinite(value):
+        raise bad(f" (epoch {epoch}), column {name}: {cell!r} is not a finite number")
+    return value
 
 
 def update_results(path, df, epoch, train, test, net, seconds):
