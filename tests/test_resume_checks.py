@@ -45,10 +45,12 @@ def finished_run(tmp_path_factory):
 
 @pytest.fixture
 def run(finished_run, tmp_path, capsys, monkeypatch):
-    """A copy of the finished run, to damage."""
+    """A copy of the finished run, to damage, without its run.lock: a lock taken before a check
+    would create it (the lock writes nothing into an existing one), and the hashes would show it."""
     no_plots(monkeypatch)
     copy = tmp_path / "S-1"
     shutil.copytree(finished_run, copy)
+    (copy / "run.lock").unlink()
     capsys.readouterr()
     return copy
 
