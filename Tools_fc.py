@@ -45,9 +45,10 @@ def updateDataframe(path, df, epoch, train, test, net, seconds):
 
 
 def createPath(args):
-    """Create ``<outDir>/DATA-0-fc-<dataset>/<YYYY-MM-DD>/S-<n>`` with a copy of
-    ``plotFunctions.py`` in the date folder; returns the ``S-<n>`` folder."""
-    return run_folder.create_run_folder(args.outDir, ARCHI, args.dataset, PLOT_SCRIPT)
+    """Create ``<outDir>/DATA-0-fc-<dataset>/<YYYY-MM-DD>/S-<n>`` (for ``--check`` of a
+    ``--resume`` run: beside that run) with a copy of ``plotFunctions.py`` in the date folder;
+    returns the ``S-<n>`` folder."""
+    return run_folder.create_run_folder(run_folder.date_folder(args, ARCHI), PLOT_SCRIPT)
 
 
 def saveHyperparameters(path, args, argv):

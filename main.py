@@ -10,7 +10,6 @@ import importlib
 import os
 import random
 import shlex
-import shutil
 import sys
 
 from binary_ep import signals  # the signal module only: imports nothing heavy
@@ -269,20 +268,17 @@ def plot_run(path):
               f"plotFunctions.py of its date folder", file=sys.stderr)
 
 
-def run(args, argv, parser):
-    """Train (or check) the run ``args`` describes, alone or as one rank of a data-parallel run
-    (``torchrun``: rank 0 owns the run folder); returns the exit code."""
-    import time
-
+def run(args, argv, parser, state):
+    """Train (or check, or export) the run ``args`` describes, alone or as one rank of a
+    data-parallel run (``torchrun``: rank 0 owns the run folder), keeping ``state`` (``Progress``)
+    up to date; returns the exit code."""
     import numpy as np
     import torch
-    from tqdm import tqdm
 
-    from binary_ep import checkpoint, distributed, files
+    from binary_ep import checkpoint, distributed
     from binary_ep.datasets import load_data
     from binary_ep.estimators import make_estimator
     from binary_ep.limits import derived_seeds
-    from binary_ep.loops import Diverged, quiet
     from binary_ep.run_folder import open_run
     _, tools = architecture(args.archi)
     signals.check()  # a signal whose exception an import dropped
@@ -305,76 +301,53 @@ def run(args, argv, parser):
         from binary_ep.gdu_check import check_command
         return check_command(args, argv, net, tools, train_loader)
     estimator = make_estimator(args, generators["beta"])
-    path, done, epoch = args.resume, 0, 1
-    try:
-        path, done, df = replicas.on_root(lambda: open_run(args, argv, net, tools, generators))
-        if args.resume and not root:
-            checkpoint.load_checkpoint(path, net, generators)
-        if done >= args.epochs:
-            return 0
-        epoch = done + 1
-        bar = tqdm(range(done + 1, args.epochs + 1), desc="epochs", initial=done, total=args.epochs,
-                   disable=quiet())
-        for epoch in bar:
-            start = time.perf_counter()
-            train = tools.train_bin(net, train_loader, epoch, estimator)
-            test = tools.test_bin(net, test_loader, epoch)
-            replicas.check_replicas(net, epoch)
-            seconds = time.perf_counter() - start
-
-            def save():  # results.csv and checkpoint.pt change together
-                with files.all_or_nothing():
-                    new_df = tools.updateDataframe(path, df.copy(), epoch, train, test, net, seconds)
-                    checkpoint.save_checkpoint(path, net, epoch, args, generators)
-                return new_df
-            df, done = replicas.on_root(save, send=False, live=False), epoch
-            if root:
-                tqdm.write(f"epoch {epoch}/{args.epochs}: train error {train['train_error']:.2f}% "
-                           f"test error {test['test_error']:.2f}% train loss {train['train_loss']:.4f} "
-                           f"test loss {test['test_loss']:.4f} flips {sum(train['flips']):.0f} "
-                           f"({seconds:.1f} s)", file=sys.stderr)
-    except signals.Interrupted as e:
-        signals.ignore_signals()  # a second Ctrl-C must not cut the clean-up or the message short
-        signals.delivered()
-        code = 128 + e.signum
-        if done == 0:
-            if args.resume:
-                print(f"interrupted ({e}) before training resumed; {path} is unchanged", file=sys.stderr)
-            elif path is None:
-                print(f"interrupted ({e}) before training started; nothing was saved", file=sys.stderr)
-            else:
-                if root:
-                    shutil.rmtree(path, ignore_errors=True)
-                print(f"interrupted ({e}) before the first epoch finished; nothing to resume, {path} "
-                      f"removed", file=sys.stderr)
-            return code
-        when = f"during epoch {epoch}" if epoch > done else f"after epoch {epoch}"
-        kept = "epoch 1 is saved" if done == 1 else f"epochs 1-{done} are saved"
-        print(f"interrupted ({e}) {when}; {kept}; continue with: python main.py --resume "
-              f"{shlex.quote(str(path))}", file=sys.stderr)
-        return code
-    except files.WriteFailed as e:
-        if done == 0:
-            if path is not None:
-                shutil.rmtree(path, ignore_errors=True)
-            print(f"main.py: error: {e}; nothing was saved; free space or choose another --outDir",
-                  file=sys.stderr)
-        else:
-            kept = f"epochs 1-{done} are intact" if done > 1 else f"epoch {done} is intact"
-            print(f"main.py: error: {e}; {kept}; free space, then continue with: python main.py "
-                  f"--resume {shlex.quote(str(path))}", file=sys.stderr)
-        return 4
-    except Diverged as e:
-        if done and root:
-            plot_run(path)
-        where = f"the last good checkpoint (epoch {done}) is in {path}" if done else \
-            f"no epoch finished, so {path} holds no checkpoint"
-        print(f"main.py: error: training diverged: {e}; {where}; try smaller learning rates, "
-              f"thresholds or beta", file=sys.stderr)
-        return 3
-    if root:
-        plot_run(path)
+    state.root = root
+    state.path, state.done, df = replicas.on_root(lambda: open_run(args, argv, net, tools, generators))
+    state.start = state.done
+    if args.resume and not root:
+        checkpoint.load_checkpoint(state.path, net, generators)
+    if state.done < args.epochs:
+        train_epochs(args, net, tools, (train_loader, test_loader), estimator, generators, state, df)
+    if root and state.done > state.start:
+        plot_run(state.path)
     return 0
+
+
+def train_epochs(args, net, tools, loaders, estimator, generators, state, df):
+    """Epochs ``state.done + 1`` .. ``--epochs``: train, test, compare the replicas, then write the
+    epoch's ``results.csv`` and ``checkpoint.pt`` (with a resume's staged note) together;
+    ``state.done`` counts the epoch as soon as they are in place, even if a signal came meanwhile."""
+    import time
+
+    from tqdm import tqdm
+
+    from binary_ep import checkpoint, distributed, files
+    from binary_ep.loops import quiet
+    replicas = distributed.current()
+    bar = tqdm(range(state.done + 1, args.epochs + 1), desc="epochs", initial=state.done,
+               total=args.epochs, disable=quiet())
+    for epoch in bar:
+        state.epoch, start = epoch, time.perf_counter()
+        train = tools.train_bin(net, loaders[0], epoch, estimator)
+        test = tools.test_bin(net, loaders[1], epoch)
+        replicas.check_replicas(net, epoch)
+        seconds = time.perf_counter() - start
+
+        def save():
+            nonlocal df
+            with signals.critical():  # a signal that comes now is raised once the epoch is counted
+                with files.all_or_nothing():
+                    df = tools.updateDataframe(state.path, df.copy(), epoch, train, test, net, seconds)
+                    checkpoint.save_checkpoint(state.path, net, epoch, args, generators)
+                state.done = epoch
+            files.remove_stale_temporaries(state.path)  # what a killed process left
+        replicas.on_root(save, send=False, live=False)
+        state.done = epoch
+        if state.root:
+            tqdm.write(f"epoch {epoch}/{args.epochs}: train error {train['train_error']:.2f}% "
+                       f"test error {test['test_error']:.2f}% train loss {train['train_loss']:.4f} "
+                       f"test loss {test['test_loss']:.4f} flips {sum(train['flips']):.0f} "
+                       f"({seconds:.1f} s)", file=sys.stderr)
 
 
 def main(argv=None):
@@ -392,39 +365,27 @@ def main(argv=None):
 
 
 def _start(argv):
-    """Parse ``argv``, load the libraries and ``run``; every failure becomes one line and
-    ``main``'s exit code."""
+    """Parse ``argv``, load the libraries and ``run``; every expected failure becomes one line
+    and an exit code (``ending``)."""
     try:  # Ctrl-C while the libraries load: still one line, no traceback
         parser, args, argv = parse(argv)
         from binary_ep import distributed, files
-        from binary_ep.numpy_reference import ExportError
-        from binary_ep.vocabulary import UserError
+        from binary_ep.outcome import Progress, ending, expected_errors
+        expected = tuple(expected_errors())
         signals.check()  # a signal whose exception an import dropped
     except signals.Interrupted as e:
         signals.delivered()
         print(f"interrupted ({e}) while starting; nothing was saved", file=sys.stderr)
         return 128 + e.signum
+    state = Progress(args.resume)
     try:
-        return run(args, argv, parser)
-    except UserError as e:
-        print(f"main.py: error: {e}", file=sys.stderr)
-        return 2
-    except files.WriteFailed as e:  # before training started (a --check folder, say)
-        print(f"main.py: error: {e}; free space or choose another --outDir", file=sys.stderr)
-        return 4
-    except files.FolderInUse as e:
-        print(f"main.py: error: {e}", file=sys.stderr)
-        return 5
-    except ExportError as e:  # weights that are not +-alpha
-        print(f"main.py: error: {e}", file=sys.stderr)
-        return 2
-    except distributed.StopAll as e:  # data-parallel: rank 0 failed, a rank was lost, replicas differ
-        print(f"main.py: error: {e}", file=sys.stderr)
-        return e.code
-    except signals.Interrupted as e:  # before training started: nothing was written
-        signals.delivered()
-        print(f"interrupted ({e}) before training started; nothing was saved", file=sys.stderr)
-        return 128 + e.signum
+        return run(args, argv, parser, state)
+    except expected as e:
+        line, code = ending(e, state)
+        print(line, file=sys.stderr)
+        if code == 3 and state.root and state.done > state.start:
+            plot_run(state.path)  # the epochs saved before the divergence
+        return code
     finally:
         distributed.stop()
         files.release_run_folders()

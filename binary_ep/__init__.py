@@ -15,10 +15,14 @@ One module per job (imports point one way: this package knows no concrete networ
 * ``signals``: SIGINT/SIGTERM as ``Interrupted``, deferred while files are written;
 * ``files``: atomic writes, write failures as one sentence, the run-folder lock;
 * ``run_folder``: ``S-<n>`` folders, ``Hyperparameters.txt``, ``results.csv``;
+* ``outcome``: how a run ends: its one line and exit code, the one clean-up allowed;
 * ``checkpoint``: ``checkpoint.pt`` and the random number generators' states;
 * ``datasets``: MNIST, Fashion-MNIST, CIFAR-10 (torchvision) and scikit-learn's digits;
 * ``cpu_kernels``: compiled CPU kernels of the conv relaxation (C source beside its loader);
 * ``distributed``: data-parallel training on torch.distributed (torchrun): shares, the gradient
   exchange, rank 0's outcomes, stopping together, lost ranks;
-* ``export`` / ``numpy_reference``: the 1-bit model file and its NumPy golden model.
+* ``log_stream``: stdout/stderr that fall silent when their reader leaves, instead of ending
+  the run;
+* ``export`` / ``model_file`` / ``numpy_reference``: the 1-bit model file, its NumPy reader
+  (every member, size and meta field checked against the format) and its NumPy golden model.
 """

@@ -272,8 +272,7 @@ class Replicas:
         if lost:
             who = ", ".join(map(str, lost))
             return StopAll(f"rank {who} was lost (its process ended or stopped responding); rank "
-                           f"{self.rank} stops too; rank 0's run folder keeps every finished epoch "
-                           f"(continue with --resume)")
+                           f"{self.rank} stops too")
         return StopAll(f"a collective with the other ranks failed ({detail}); a peer rank was lost; "
                        f"rank {self.rank} stops too")
 

@@ -181,6 +181,7 @@ def run_gdu_check(args, net, loader, prepare, new_run_folder, trained=""):
     freshly initialised one).  Returns 0."""
     import pandas as pd
 
+    from binary_ep.run_folder import discard_unfinished
     device = next(net.parameters()).device
     x, labels = next(iter(loader))
     x = prepare(net, x.to(device))
@@ -199,9 +200,6 @@ def run_gdu_check(args, net, loader, prepare, new_run_folder, trained=""):
     df["free_residual"] = residual
     df["saturated_outputs"] = saturated
     df["samples_with_saturated_error"] = saturated_err
-    # everything is computed: only now touch the disk, so a failure leaves no half-made folder
-    path = new_run_folder()
-    atomic_write(os.path.join(path, "gdu.csv"), lambda tmp: df.to_csv(tmp, index=False))
     archi = "fc " + "-".join(map(str, args.layersList))
     if args.archi == "conv":
         archi = (f"conv {'-'.join(map(str, reversed(args.convList)))} (kernel {args.kernelSize}, "
@@ -211,7 +209,14 @@ def run_gdu_check(args, net, loader, prepare, new_run_folder, trained=""):
              f"last free step moved states by <= {residual:.1e}; output units saturated: "
              f"{100 * saturated:.0f}%; samples with an output saturated away from its target: "
              f"{100 * saturated_err:.0f}%")
-    plot_gdu(df, os.path.join(path, "gdu.png"), title)
+    # everything is computed: only now touch the disk; a failure there leaves no half-made folder
+    path = new_run_folder()
+    try:
+        atomic_write(os.path.join(path, "gdu.csv"), lambda tmp: df.to_csv(tmp, index=False))
+        plot_gdu(df, os.path.join(path, "gdu.png"), title)
+    except BaseException:
+        discard_unfinished(path)
+        raise
     last = df[df["k"] == args.Kmax]
     print(f"gradient check on one batch{trained}: EP after k nudged steps vs BPTT through the last k free "
           f"steps, k = {args.Kmax}; free-phase residual {residual:.2e}; saturated output units "
@@ -226,19 +231,14 @@ def run_gdu_check(args, net, loader, prepare, new_run_folder, trained=""):
 
 def check_command(args, argv, net, tools, loader):
     """``--check gdu`` as ``main.py`` runs it: on the first batch of ``loader``, the network of
-    the run ``--resume`` names (trained) or a fresh one; the new run folder is made, locked and
-    described by the architecture's ``tools`` (its ``createPath``, ``saveHyperparameters`` and
-    ``prepare_images``).  Returns 0."""
+    the run ``--resume`` names (trained; read, never written) or a fresh one; the check's own
+    run folder is started by ``run_folder.new_run_folder`` with the architecture's ``tools``
+    (beside the checked run, for ``--resume``).  Returns 0."""
     from binary_ep.checkpoint import load_checkpoint
-    from binary_ep.files import lock_run_folder
+    from binary_ep.run_folder import new_run_folder
     trained = ""
     if args.resume:
         epoch = load_checkpoint(args.resume, net, {})
         trained = f", network of run {os.path.basename(os.path.normpath(args.resume))} after epoch {epoch}"
-
-    def new_run_folder():
-        path = tools.createPath(args)
-        lock_run_folder(path)
-        tools.saveHyperparameters(path, args, argv)
-        return path
-    return run_gdu_check(args, net, loader, tools.prepare_images, new_run_folder, trained)
+    return run_gdu_check(args, net, loader, tools.prepare_images,
+                         lambda: new_run_folder(args, argv, tools), trained)

@@ -14,7 +14,7 @@ import sys
 import pandas as pd
 
 from binary_ep import checkpoint, resume
-from binary_ep.files import atomic_write, lock_run_folder, remove_stale_temporaries, write_text
+from binary_ep.files import atomic_write, lock_run_folder, stage, write_text
 from binary_ep.files import reason_of
 from binary_ep.signals import critical
 from binary_ep.vocabulary import UserError
@@ -26,24 +26,65 @@ def run_root(out_dir, archi, dataset, date=None):
     return os.path.join(out_dir, f"DATA-0-{archi}-{dataset}", date)
 
 
-def create_run_folder(out_dir, archi, dataset, plot_src):
-    """Create ``<out_dir>/DATA-0-<archi>-<dataset>/<YYYY-MM-DD>/S-<n>`` (n = next free number, taken
-    atomically with ``mkdir``), copy the plotting script ``plot_src`` into the date folder (once),
-    return the S folder."""
-    date_folder = run_root(out_dir, archi, dataset)
-    os.makedirs(date_folder, exist_ok=True)
-    plot_dst = os.path.join(date_folder, "plotFunctions.py")
+def date_folder(args, archi):
+    """Where a new ``S-<n>`` folder goes: beside the run it checks for ``--check`` of a
+    ``--resume`` run (its date folder), else today's date folder under ``--outDir``."""
+    if args.resume and args.check != "none":
+        return os.path.dirname(os.path.abspath(args.resume))
+    return run_root(args.outDir, archi, args.dataset)
+
+
+def create_run_folder(folder, plot_src):
+    """Create ``folder/S-<n>`` (n = next free number, taken atomically with ``mkdir``), copy the
+    plotting script ``plot_src`` into ``folder`` (once), return the S folder; it is recorded as
+    made by this process (``discard_unfinished``)."""
+    os.makedirs(folder, exist_ok=True)
+    plot_dst = os.path.join(folder, "plotFunctions.py")
     if not os.path.exists(plot_dst):
         atomic_write(plot_dst, lambda tmp: shutil.copyfile(plot_src, tmp))
-    taken = [int(m.group(1)) for m in (re.fullmatch(r"S-(\d+)", d) for d in os.listdir(date_folder)) if m]
+    taken = [int(m.group(1)) for m in (re.fullmatch(r"S-(\d+)", d) for d in os.listdir(folder)) if m]
     n = max(taken, default=0) + 1
     while True:
-        path = os.path.join(date_folder, f"S-{n}")
+        path = os.path.join(folder, f"S-{n}")
         try:
             os.mkdir(path)
+            _CREATED.add(os.path.abspath(path))
             return path
         except FileExistsError:
             n += 1
+
+
+_CREATED = set()  # the S-<n> folders this process made: the only ones it may ever remove
+
+
+def discard_unfinished(path):
+    """Remove the run folder ``path`` if, and only if, this process created it and no epoch
+    finished in it (no ``checkpoint.pt``): returns whether it did.  Every other folder stays as
+    it is, whatever went wrong."""
+    path = os.path.abspath(path)
+    if path not in _CREATED or os.path.exists(os.path.join(path, "checkpoint.pt")):
+        return False
+    shutil.rmtree(path, ignore_errors=True)
+    _CREATED.discard(path)
+    return True
+
+
+def new_run_folder(args, argv, tools):
+    """The one way to start a run folder (training and ``--check`` alike): created by the
+    architecture's ``tools.createPath``, locked, described by ``tools.saveHyperparameters``;
+    a signal or a failed write on the way removes it again (``discard_unfinished``).  Returns
+    the ``S-<n>`` folder."""
+    path = None
+    try:
+        with critical():
+            path = tools.createPath(args)
+            lock_run_folder(path)
+            tools.saveHyperparameters(path, args, argv)
+    except BaseException:  # a signal or a full disk: no half-made run folder
+        if path is not None:
+            discard_unfinished(path)
+        raise
+    return path
 
 
 GIVEN_SECTION = "[arguments as given]"
@@ -76,13 +117,14 @@ def write_hyperparameters(path, args, argv):
 
 def note_resume(path, done, argv):
     """Add ``resumed after epoch <done>: <command>`` under the command lines of the run's
-    ``Hyperparameters.txt`` (the sections below stay as they were)."""
+    ``Hyperparameters.txt`` (the sections below stay as they were): written now, in place with
+    the first epoch this process saves (``files.stage``)."""
     hp = os.path.join(path, "Hyperparameters.txt")
     text = read_text(hp)
     line = f"resumed after epoch {done}: {shlex.join(['python', 'main.py'] + list(argv))}\n"
     head, blank, rest = text.partition("\n\n")
     text = head + "\n" + line + blank[1:] + rest if blank else text + ("" if text.endswith("\n") else "\n") + line
-    write_text(hp, text)
+    stage(hp, text.encode())
 
 
 RESUMED = re.compile(r"resumed after epoch \d+: ")
@@ -224,21 +266,12 @@ def update_results(path, df, epoch, train, test, net, seconds):
 
 
 def open_run(args, argv, net, tools, generators):
-    """Create the run folder with the architecture's ``tools`` (``createPath``,
-    ``saveHyperparameters``, ``initDataframe``) and lock it, or take over ``--resume``'s (its
-    checkpoint loaded into ``net`` and ``generators``, its results so far read back, the resume
-    noted in Hyperparameters.txt): returns ``(S-<n> folder, epochs done, results dataframe)``."""
+    """A new run folder (``new_run_folder``) or ``--resume``'s: its checkpoint loaded into
+    ``net`` and ``generators``, its results so far read back, the resume's note staged for
+    Hyperparameters.txt (it lands with the first epoch this process saves, so a resume that
+    cannot go on changes nothing).  Returns ``(S-<n> folder, epochs done, results dataframe)``."""
     if not args.resume:
-        path = None
-        try:
-            with critical():
-                path = tools.createPath(args)
-                lock_run_folder(path)
-                tools.saveHyperparameters(path, args, argv)
-        except BaseException:  # a signal or a full disk: no half-made run folder
-            if path is not None:
-                shutil.rmtree(path, ignore_errors=True)
-            raise
+        path = new_run_folder(args, argv, tools)
         print(f"run folder: {path}", file=sys.stderr)
         return path, 0, tools.initDataframe(path, net)
     path = args.resume
@@ -251,8 +284,6 @@ def open_run(args, argv, net, tools, generators):
         df = resume.resumed_dataframe(path, lambda: tools.initDataframe(path, net),
                                       result_columns(net.layer_names), done)
         lock_run_folder(path)
-    with critical():
-        remove_stale_temporaries(path)
-        note_resume(path, done, argv)
+    note_resume(path, done, argv)
     print(f"resuming {path} after epoch {done}\nrun folder: {path}", file=sys.stderr)
     return path, done, df

@@ -43,7 +43,7 @@ critical = _Critical
 
 def install_signal_handlers():
     """SIGINT/SIGTERM raise ``Interrupted`` (deferred while files are being written; kept for
-    ``check`` until ``delivered``), and Python's "Exception ignored" report of an ``Interrupted``
+    ``check`` until ``delivered``), SIGXFSZ is ignored (a write past ``ulimit -f`` fails), and Python's "Exception ignored" report of an ``Interrupted``
     that a callback dropped is silenced (``check`` raises it again).  Returns what was replaced,
     for ``restore_signal_handlers`` (None outside the main thread, where Python cannot set
     handlers)."""
@@ -53,6 +53,9 @@ def install_signal_handlers():
             raise Interrupted(signum)
     try:
         previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        # a write past the file-size limit (ulimit -f) fails with EFBIG, a clear error, instead
+        # of SIGXFSZ ending the process halfway through a file
+        previous[signal.SIGXFSZ] = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     except ValueError:
         return None
     report = sys.unraisablehook

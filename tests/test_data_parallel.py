@@ -392,6 +392,24 @@ def test_a_killed_rank_ends_the_job_within_the_timeout(tmp_path):
     assert list(pd.read_csv(run_ / "results.csv", index_col="epoch").index) == list(range(1, done + 1))
 
 
+def test_a_rank_lost_in_the_first_epoch_leaves_no_folder_and_says_so(tmp_path):
+    """Rank 1 killed before epoch 1 is saved: rank 0 removes the folder it made (only
+    Hyperparameters.txt and run.lock were in it) and says there is nothing to resume."""
+    out = tmp_path / "out"
+    p = launch(SLOW[:SLOW.index("--T") + 1] + ["2000"] + SLOW[SLOW.index("--T") + 2:] + ["--outDir", out],
+               tmp_path, "kill")
+    wait_for(lambda: bool(list(out.glob("DATA-0-*/*/S-*/Hyperparameters.txt"))) or p.poll() is not None)
+    ranks = workers(p)
+    assert sorted(ranks) == [0, 1] and p.poll() is None, (tmp_path / "kill.err").read_text()
+    os.kill(ranks[1], signal.SIGKILL)
+    assert p.wait(timeout=120) != 0
+    err = (tmp_path / "kill.err").read_text()
+    assert not our_traceback(err), err
+    (line,) = [l for l in err.splitlines() if l.startswith("main.py: error:")]
+    assert "rank 1 was lost" in line and "nothing to resume" in line and "removed" in line, line
+    assert "--resume" not in line and list(out.glob("DATA-0-*/*/S-*")) == [], line
+
+
 def test_more_ranks_than_the_batch_is_one_sentence_per_rank(tmp_path):
     r = run(torchrun(FC.split() + ["--batchSize", "1", "--outDir", tmp_path]))
     lines = [l for l in r.stderr.splitlines() if l.startswith("main.py: error:")]

@@ -353,7 +353,8 @@ def test_sigint_and_sigterm_keep_the_last_epoch_and_resume_bit_for_bit(tmp_path)
 
 def test_interrupt_before_the_first_epoch_removes_the_run_folder(tmp_path, monkeypatch, capsys):
     """Ctrl-C in epoch 1, and a second one while the half-made folder is being removed."""
-    train_bin, rmtree = Tools_fc.train_bin, main.shutil.rmtree
+    from binary_ep import run_folder
+    train_bin, rmtree = Tools_fc.train_bin, run_folder.shutil.rmtree
 
     def interrupted(net, loader, epoch, *args):
         os.kill(os.getpid(), signal.SIGINT)
@@ -364,7 +365,7 @@ def test_interrupt_before_the_first_epoch_removes_the_run_folder(tmp_path, monke
         time.sleep(0.05)
         return rmtree(path, *args, **kwargs)
     monkeypatch.setattr(Tools_fc, "train_bin", interrupted)
-    monkeypatch.setattr(main.shutil, "rmtree", impatient_rmtree)
+    monkeypatch.setattr(run_folder.shutil, "rmtree", impatient_rmtree)
     capsys.readouterr()
     assert main.main(QUICK + ["--epochs", "2", "--outDir", str(tmp_path)]) == 130
     err = capsys.readouterr().err.strip().splitlines()
@@ -518,7 +519,7 @@ def test_planted_divergence_stops_and_keeps_the_last_good_epoch(plant, tmp_path,
     assert len(lines) == 1, err
     msg = lines[0]
     assert msg.startswith("main.py: error: training diverged:"), msg
-    assert all(f in msg for f in fragments + ["at epoch 2, batch 2", "last good checkpoint (epoch 1)"]), msg
+    assert all(f in msg for f in fragments + ["at epoch 2, batch 2", "epoch 1 is saved"]), msg
     run = only_run(tmp_path)
     assert str(run) in msg
     for name, data in seen["snapshot"].items():

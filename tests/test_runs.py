@@ -84,7 +84,8 @@ def test_parallel_runs_take_distinct_folders(tmp_path):
 
 
 def test_createPath_is_atomic_under_threads(tmp_path):
-    args = main.argparse.Namespace(outDir=str(tmp_path), archi="fc", dataset="digits")
+    args = main.argparse.Namespace(outDir=str(tmp_path), archi="fc", dataset="digits", resume=None,
+                                   check="none")
     made, barrier = [], threading.Barrier(16)
 
     def take():
