@@ -20,10 +20,30 @@ It returns the free-phase states, from which the loops read the error and the lo
 import torch
 
 
+# The variants of EP: the betas of their nudged phases, in units of --beta.  Decided here once;
+# the network runs the phases it is given (``EPNetwork.phases``).
+NUDGED_PHASES = {"one-sided": (1.0,), "symmetric": (1.0, -1.0)}
+
+
+def nudged_betas(nudging, beta):
+    """The betas of the nudged phases of the EP variant ``nudging``: ``(beta,)`` one-sided,
+    ``(beta, -beta)`` symmetric."""
+    return tuple(m * beta for m in NUDGED_PHASES[nudging])
+
+
+def ep_gradient(net, x, free, nudged, betas, batch=None):
+    """``net.computeGradient`` from the phases of one EP variant: one nudged phase against the
+    free one (``beta_span = beta``), or two nudged phases against each other (``beta_span =
+    beta_1 - beta_2``, 2 beta for symmetric nudging)."""
+    plus, minus = (nudged[0], free) if len(nudged) == 1 else nudged
+    span = betas[0] - (betas[1] if len(betas) > 1 else 0.0)
+    net.computeGradient(x, plus, minus, span, batch)
+
+
 class EP:
     """Equilibrium propagation with nudging strength ``beta``; ``nudging`` is ``one-sided`` or
-    ``symmetric``; with a ``sign_generator`` (a ``torch.Generator``) the sign of beta is drawn
-    per batch (``--random_beta 1``)."""
+    ``symmetric`` (``NUDGED_PHASES``); with a ``sign_generator`` (a ``torch.Generator``) the sign
+    of beta is drawn per batch (``--random_beta 1``)."""
 
     def __init__(self, beta, nudging="one-sided", sign_generator=None):
         self.beta, self.nudging, self.sign_generator = beta, nudging, sign_generator
@@ -32,12 +52,10 @@ class EP:
         beta = self.beta
         if self.sign_generator is not None and float(torch.rand(1, generator=self.sign_generator)) < 0.5:
             beta = -beta
-        phases = net.phases(x, target, beta)
-        if len(phases) == 3:  # symmetric nudging: +beta and -beta
-            net.computeGradient(x, phases[1], phases[2], 2 * beta, batch)
-        else:
-            net.computeGradient(x, phases[1], phases[0], beta, batch)
-        return phases[0].states
+        betas = nudged_betas(self.nudging, beta)
+        free, *nudged = net.phases(x, target, betas)
+        ep_gradient(net, x, free, nudged, betas, batch)
+        return free.states
 
 
 def loss(s, target, batch):
@@ -88,4 +106,4 @@ def make_estimator(args, sign_generator):
     ``--random_beta`` (drawing the signs from ``sign_generator``)."""
     if args.optim == "bptt":
         return BPTT(args.T, args.Kmax)
-    return EP(args.beta, getattr(args, "nudging", "one-sided"), sign_generator if args.random_beta else None)
+    return EP(args.beta, args.nudging, sign_generator if args.random_beta else None)

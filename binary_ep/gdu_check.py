@@ -24,7 +24,7 @@ import sys
 import torch
 
 from binary_ep.activations import output_slope
-from binary_ep.estimators import truncated_gradient
+from binary_ep.estimators import ep_gradient, nudged_betas, truncated_gradient
 from binary_ep.files import atomic_write
 from binary_ep.vocabulary import UserError
 
@@ -76,18 +76,15 @@ def free_trajectory_tail(net, x, Kmax):
 
 def ep_updates(net, x, drive, free, target, beta, Kmax, nudging="one-sided"):
     """EP's estimate of ``dL/dtheta`` after k = 1..Kmax nudged steps from the free fixed point
-    (``free``, a ``Phase``); one-sided: ``+beta``; symmetric: ``+beta`` and ``-beta`` phases.
+    (``free``, a ``Phase``), for the EP variant ``nudging`` (its betas: ``nudged_betas``).
     Returns a list (over k) of lists (weights then biases, output layer first)."""
+    betas = nudged_betas(nudging, beta)
     out = []
     with torch.no_grad():
-        plus = minus = free
+        nudged = [free] * len(betas)
         for _ in range(Kmax):
-            plus = net.relax(plus.states, drive, 1, target, beta)
-            if nudging == "symmetric":
-                minus = net.relax(minus.states, drive, 1, target, -beta)
-                net.computeGradient(x, plus, minus, 2 * beta)
-            else:
-                net.computeGradient(x, plus, free, beta)
+            nudged = [net.relax(p.states, drive, 1, target, b) for p, b in zip(nudged, betas)]
+            ep_gradient(net, x, free, nudged, betas)
             out.append(_grads_of(net))
         net.optW.zero_grad()  # no factor pair of the check stays pending
     return out

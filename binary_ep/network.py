@@ -81,12 +81,12 @@ class EPNetwork(nn.Module):
         results = cpu_streams.in_streams(streams, lambda n: self._relax(list(shares[n]), drives[n], T, targets[n], beta))
         return self._join(results)
 
-    def phases(self, x, target=None, beta=0.0):
+    def phases(self, x, target=None, betas=()):
         """The relaxation of a batch ``x`` (the network's input layout): the free phase (``T``
-        steps from ``initHidden``) and, with a ``target``, the nudged phase (``Kmax`` steps from
-        the free fixed point with ``beta``; with ``--nudging symmetric`` a second one with
-        ``-beta``).  Returns a tuple of ``Phase``: ``(free,)``, ``(free, plus)`` or
-        ``(free, plus, minus)``.
+        steps from ``initHidden``) and, with a ``target``, one nudged phase (``Kmax`` steps from
+        the free fixed point) per beta of ``betas`` (the estimator's variant decides them:
+        ``estimators.nudged_betas``).  Returns a tuple of ``Phase``: the free one, then one per
+        beta.
 
         On a CPU with several threads and autograd off, the batch is cut into one share per
         thread and each share runs all its phases in a single-threaded stream, side by side: the
@@ -95,21 +95,18 @@ class EPNetwork(nn.Module):
         split across cores."""
         streams = self._streams(x.shape[0], x.device)
         if streams == 1:
-            return self._phases(x, target, beta)
+            return self._phases(x, target, betas)
         xs = x.tensor_split(streams)
         targets = self._cut(target, streams)
-        results = cpu_streams.in_streams(streams, lambda n: self._phases(xs[n], targets[n], beta))
+        results = cpu_streams.in_streams(streams, lambda n: self._phases(xs[n], targets[n], betas))
         return tuple(self._join(phase) for phase in zip(*results))
 
-    def _phases(self, x, target, beta):
+    def _phases(self, x, target, betas):
         drive = self.input_drive(x)
         free = self._relax(self.initHidden(x.shape[0]), drive, self.args.T)
         if target is None:
             return (free,)
-        plus = self._relax(free.states, drive, self.args.Kmax, target, beta)
-        if getattr(self.args, "nudging", "one-sided") != "symmetric":
-            return free, plus
-        return free, plus, self._relax(free.states, drive, self.args.Kmax, target, -beta)
+        return (free,) + tuple(self._relax(free.states, drive, self.args.Kmax, target, beta) for beta in betas)
 
     def _join(self, phases):
         """One ``Phase`` from the phases of consecutive shares of a batch."""

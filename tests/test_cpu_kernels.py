@@ -243,14 +243,14 @@ def test_relaxation_with_the_kernel_equals_the_dense_path(padding, convs, monkey
         delta = getattr(cpu_kernels, name)
         monkeypatch.setattr(cpu_kernels, name, lambda *a, name=name, delta=delta: updates.append(name) or delta(*a))
     with torch.no_grad():
-        fast = net.phases(x, target, 0.5)
+        fast = net.phases(x, target, (0.5,))
         # every state-driven convolution and every feedback, every step but the full
         # recomputations (steps 1, 27, 53)
         for name in ("conv_delta", "unpool_conv_transpose_delta"):
             assert updates.count(name) == (n - 2) * (60 + 5 - 3)
         monkeypatch.setitem(cpu_kernels._STATE, "fn", None)  # as without a compiler
         assert not cpu_kernels.available()
-        slow = net.phases(x, target, 0.5)
+        slow = net.phases(x, target, (0.5,))
     for a, b in zip(fast, slow):
         for u, v in zip(a.states, b.states):
             torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-5)

@@ -287,10 +287,11 @@ def _run_recording_betas(argv, out, monkeypatch):
     betas = []
     original = _PHASES
 
-    def recording(self, x, target=None, beta=0.0):
-        if target is not None:  # a training batch
+    def recording(self, x, target=None, nudged=()):
+        if target is not None:  # a training batch: one-sided, so one nudged phase
+            (beta,) = nudged
             betas.append(beta)
-        return original(self, x, target, beta)
+        return original(self, x, target, nudged)
     monkeypatch.setattr(network.EPNetwork, "phases", recording)
     assert main.main(argv.split() + ["--outDir", str(out)]) == 0
     (folder,) = out.glob("DATA-0-fc-digits/*/S-1")

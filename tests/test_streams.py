@@ -7,6 +7,7 @@ import torch
 
 import main
 from binary_ep import datasets, streams
+from binary_ep.estimators import nudged_betas
 
 FC = ("--archi fc --layersList 64 48 24 10 --T 30 --Kmax 6 --gamma 1e-4 1e-4 1e-4 "
       "--gradThreshold 2e-5 2e-5 2e-5 --lrBias 0.05 0.05 0.05")
@@ -38,7 +39,7 @@ def test_streams_compute_the_states_of_the_whole_batch(line, nudging, two_thread
     for min_share in (16, 10 ** 6):  # two streams, then one
         monkeypatch.setattr(streams, "MIN_STREAM_BATCH", min_share)
         with torch.no_grad():
-            phases = net.phases(x, y, args.beta)
+            phases = net.phases(x, y, nudged_betas(args.nudging, args.beta))
             (free,) = net.phases(x)
             s, drive = net.free_phase(x)
             s_plus = net.forward([v.clone() for v in s], drive, args.Kmax, y, args.beta)
