@@ -36,17 +36,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from binary_ep import cpu_kernels
-from binary_ep.activations import nudge, one_hot, rho
+from binary_ep.activations import one_hot
+from binary_ep.binary_optimizer import current_alpha
 from binary_ep.network import EPNetwork
+from binary_ep.neurons import neuron_model
 from binary_ep.vocabulary import INPUT_SHAPE, conv_geometry
 
-ConvDrive = namedtuple("ConvDrive", "pooled indices conv_w fc_top tracked")
+ConvDrive = namedtuple("ConvDrive", "pooled indices conv_w fc_top tracked counted")
 ConvDrive.__doc__ = """What stays constant while one batch relaxes: ``pooled``, the bottom
 convolution's term ``P(conv(x) + b)`` (B, C, H, W), and its max-pool ``indices``; ``conv_w``, the
 convolution weights in the states' memory layout; ``fc_top``, the weight of the classifier layer
 that reads the top convolution, its columns reordered to that state's (h, w, c) memory order;
 ``tracked``, a dict of the ``Tracked`` terms of the compiled CPU path (the drive of one stream
-only: they change as the states relax)."""
+only: they change as the states relax); ``counted``: None for rate neurons, else ``Counted``."""
+
+Counted = namedtuple("Counted", "fc fc_top conv fc_alpha conv_alpha")
+Counted.__doc__ = """Binary neurons read bits, so their products are integer counts times alpha:
+``fc`` the +-1 sign matrices of the classifier (``fc_top``: of ``ConvDrive.fc_top``), ``conv``
+those of the convolutions (states' layout), and the alpha of each classifier layer (1, 1) and
+of each convolution's output channels (1, C, 1, 1)."""
 
 # a tracked term is recomputed in full on its first step and after this many updates, and in a
 # sample where more than this fraction of its input changed (there that is faster)
@@ -79,6 +87,8 @@ class Network_conv(EPNetwork):
         Learnt alpha steps use the factor 1 of the original conv class (DESIGN.md section 5)."""
         super().__init__()
         self.geometry = conv_geometry(args, INPUT_SHAPE[args.dataset])
+        self.neurons, self.expand_output = neuron_model(args), args.expand_output
+        self.nudge_from_start = self.neurons.binary  # the free phase's output, as the original
         self.padding, self.fpool = args.padding, args.Fpool
         self.conv = nn.ModuleList(nn.Conv2d(g.input[0], g.conv[0], args.kernelSize, padding=args.padding)
                                   for g in self.geometry)
@@ -91,6 +101,11 @@ class Network_conv(EPNetwork):
         names = [f"fc{k}" for k in range(len(self.fc))] + [g.name for g in self.geometry]
         self._setup_optimizers(args, [l.weight for l in layers], [l.bias for l in layers], names,
                                [False] * len(self.fc) + [True] * len(self.conv), alpha_scale=1.0)
+        if self.neurons.binary:  # the original's conv bin_W_N: biases at 0, filters at 2 gamma N(0, 1)
+            with torch.no_grad():
+                for layer in layers:
+                    layer.bias.zero_()
+            self.optW.start_filters(lambda w, gamma: 2 * gamma * torch.randn(w.shape, dtype=w.dtype))
 
     # -- shapes --------------------------------------------------------------------------------
     # Convolution states live in the channels-last memory layout (shape (B, C, H, W) as usual,
@@ -99,11 +114,12 @@ class Network_conv(EPNetwork):
     layout = torch.channels_last
 
     def target(self, labels):
-        """One-hot targets in {0, 1}, shape (B, 10)."""
-        return one_hot(labels).to(self.fc[0].weight.dtype)
+        """One-hot targets in {0, 1}, each class's entry repeated ``expand_output`` (E) times,
+        shape (B, 10 E)."""
+        return one_hot(labels, self.expand_output).to(self.fc[0].weight.dtype)
 
     def output(self, s):
-        """Output states, shape (B, 10)."""
+        """Output states, shape (B, 10 E)."""
         return s[0]
 
     def initHidden(self, batch):
@@ -140,63 +156,86 @@ class Network_conv(EPNetwork):
         pooled, indices = self._pool(F.conv2d(x, conv_w[-1], bottom.bias, padding=self.padding))
         # (a one-channel input gives them the default layout)
         pooled, indices = (t.contiguous(memory_format=self.layout) for t in (pooled, indices))
-        return ConvDrive(pooled, indices, conv_w, fc_top, {})
+        counted = None
+        if self.neurons.binary:
+            counted = Counted([torch.sign(l.weight) for l in self.fc], torch.sign(fc_top),
+                              [torch.sign(w) for w in conv_w],
+                              [current_alpha(l.weight, False) for l in self.fc],
+                              [current_alpha(l.weight, True).view(1, -1, 1, 1) for l in self.conv])
+        return ConvDrive(pooled, indices, conv_w, fc_top, {}, counted)
 
-    def stepper(self, s, drive, target=None, beta=0.0, out=None, record=None):
+    def stepper(self, s, drive, target=None, beta=0.0, out=None, record=None, ref=None):
         """One synchronous step of every layer from the previous states ``s`` (see the module
         docstring); ``drive`` comes from ``input_drive``; ``out`` may receive the new states
         (scratch buffers the caller owns; ignored while autograd records); ``s`` is only read.
-        A ``record`` dict receives ``"indices"``: the max-pool indices this step used, one
-        (B, C_i, H_i, W_i) tensor per convolution, top first (the gradient unpools with them)."""
-        nf, nc, act = self.n_fc, len(self.conv), self.activation
-        if torch.is_grad_enabled():
+        Binary neurons read the bits of their neighbours (``drive.counted``: integer counts
+        times alpha) and filter their input into their states; the nudge pulls towards
+        ``target`` from ``ref`` (default the current ``s[0]``).  A ``record`` dict receives
+        ``"indices"``: the max-pool indices this step used, one (B, C_i, H_i, W_i) tensor per
+        convolution, top first (the gradient unpools with them)."""
+        nf, nc, neurons, counted = self.n_fc, len(self.conv), self.neurons, drive.counted
+        if torch.is_grad_enabled() or counted is not None:
             out = None
+        b = [neurons.send(v) for v in s]  # rate neurons: the states themselves
         new = []
         # the classifier step, as Network_fc's in the batch-first (B, n) layout: written twice on
         # purpose, the fc network's feature-major (n, B) layout keeps its large products free of a
         # transpose, and one shared layout would add a transpose per step to one of them (README)
         for k, layer in enumerate(self.fc):
             buf = None if out is None else out[k]
-            if k + 1 < nf:
-                below, w = s[k + 1], layer.weight
+            below = b[k + 1] if k + 1 < nf else self._flat(b[nf])
+            if counted is not None:
+                w = counted.fc[k] if k + 1 < nf else counted.fc_top
+                a = (below @ w.t()).mul_(counted.fc_alpha[k]).add_(layer.bias)
+                if k > 0:
+                    a.add_((b[k - 1] @ counted.fc[k - 1]).mul_(counted.fc_alpha[k - 1]))
             else:
-                below, w = self._flat(s[nf]), drive.fc_top
-            a = torch.addmm(layer.bias, below, w.t()) if buf is None else \
-                torch.addmm(layer.bias, below, w.t(), out=buf)
-            if k > 0:
-                fb = self.fc[k - 1].weight
-                a = a + s[k - 1] @ fb if buf is None else a.addmm_(s[k - 1], fb)
-            a = rho(a, act)
-            if k == 0 and beta != 0:
-                a = nudge(a, s[0], target, beta)
-            new.append(a)
+                w = layer.weight if k + 1 < nf else drive.fc_top
+                a = torch.addmm(layer.bias, below, w.t()) if buf is None else \
+                    torch.addmm(layer.bias, below, w.t(), out=buf)
+                if k > 0:
+                    fb = self.fc[k - 1].weight
+                    a = a + b[k - 1] @ fb if buf is None else a.addmm_(b[k - 1], fb)
+            diff = target - (s[0] if ref is None else ref) if k == 0 and beta != 0 else None
+            new.append(neurons.update(s[k], a, diff, beta))
         indices = None
         for i, layer in enumerate(self.conv):
             buf = None if out is None else out[nf + i]
             if i + 1 < nc:
-                below = s[nf + i + 1]
-                conv = self._tracked_conv(drive, i, below) if self._use_kernel(below) else \
-                    F.conv2d(below, drive.conv_w[i], layer.bias, padding=self.padding)
-                pooled, next_indices = self._pool(conv)
+                pooled, next_indices = self._pool(self._conv_term(drive, i, b[nf + i + 1]))
             else:
                 pooled, next_indices = drive.pooled, drive.indices
-            if i > 0 and self._use_kernel(pooled):  # the feedback without the unpooled zeros
+            if i > 0 and counted is None and self._use_kernel(pooled):  # without the unpooled zeros
                 feedback = self._tracked_feedback(drive, i, s[nf + i - 1],
                                                   indices.contiguous(memory_format=self.layout))
-                a = pooled + feedback if buf is None else torch.add(pooled, feedback, out=buf)
-            else:
-                if i == 0:
-                    b, c, h, w = s[nf].shape
-                    feedback = (s[nf - 1] @ drive.fc_top).view(b, h, w, c).permute(0, 3, 1, 2)
-                else:
-                    feedback = F.conv_transpose2d(self._unpool(s[nf + i - 1], indices, i - 1),
-                                                  drive.conv_w[i - 1], padding=self.padding)
-                a = pooled + feedback if buf is None else torch.add(pooled, feedback, out=buf)
-            new.append(rho(a, act))
+            elif i == 0:
+                top = drive.fc_top if counted is None else counted.fc_top
+                flat = b[nf - 1] @ top
+                if counted is not None:
+                    flat.mul_(counted.fc_alpha[nf - 1])
+                _, c, h, w = s[nf].shape
+                feedback = flat.view(-1, h, w, c).permute(0, 3, 1, 2)
+            else:  # (binary neurons too: the channels' alphas differ, so a float product)
+                feedback = F.conv_transpose2d(self._unpool(b[nf + i - 1], indices, i - 1),
+                                              drive.conv_w[i - 1], padding=self.padding)
+            a = pooled + feedback if buf is None else torch.add(pooled, feedback, out=buf)
+            new.append(neurons.update(s[nf + i], a))
             indices = next_indices
             if record is not None:
                 record.setdefault("indices", []).append(indices)
         return new
+
+    def _conv_term(self, drive, i, below):
+        """``conv_i(below) + b_i`` of the state (bits) below convolution ``i``: a count times the
+        channels' alpha for binary neurons; else kept up to date by the compiled CPU kernels
+        where they apply, or PyTorch's convolution."""
+        bias = self.conv[i].bias
+        if drive.counted is not None:
+            count = F.conv2d(below, drive.counted.conv[i], padding=self.padding)
+            return count.mul_(drive.counted.conv_alpha[i]).add_(bias.view(1, -1, 1, 1))
+        if self._use_kernel(below):
+            return self._tracked_conv(drive, i, below)
+        return F.conv2d(below, drive.conv_w[i], bias, padding=self.padding)
 
     def _tracked_conv(self, drive, i, below):
         """``conv_i(below) + b_i``, kept up to date in the drive (``Tracked``)."""
@@ -263,8 +302,9 @@ class Network_conv(EPNetwork):
             convolution: dW_i = (corr(in_+, U(s_+[F+i])) - corr(in_-, U(s_-[F+i]))) / (beta_span B),
                          db_i = sum_{batch, h, w}(s_+[F+i] - s_-[F+i]) / (beta_span B)
 
-        with ``s_+``/``s_-`` the states of the ``Phase`` ``plus``/``minus``: nudged/free (one-sided,
-        ``beta_span = beta``) or +beta and -beta nudged (symmetric, ``beta_span = 2 beta``);
+        with ``s_+``/``s_-`` the states of the ``Phase`` ``plus``/``minus`` (binary neurons: their
+        bits): nudged/free (one-sided, ``beta_span = beta``) or +beta and -beta nudged
+        (symmetric, ``beta_span = 2 beta``);
         ``x`` is (b, C, H, W), the samples of this process; B is ``batch`` (the global mini-batch
         of a data-parallel run, whose ranks add up their sums; default b); corr is the correlation of
         the layer's input (the state below, or ``x`` for the bottom layer, whose unpooled
@@ -274,7 +314,8 @@ class Network_conv(EPNetwork):
         original code does: they differ from the final states' own indices until the phase
         converges); unpooling moves values without changing their sum, hence the bias sums.
         """
-        s_plus, s_minus = plus.states, minus.states
+        send = self.neurons.send  # rate neurons: the states; binary neurons: their bits
+        s_plus, s_minus = [send(v) for v in plus.states], [send(v) for v in minus.states]
         nf, nc = self.n_fc, len(self.conv)
         c = 1.0 / (beta_span * (x.shape[0] if batch is None else batch))
         for k, layer in enumerate(self.fc):
@@ -288,9 +329,9 @@ class Network_conv(EPNetwork):
             w, p = layer.weight, self.padding
             if i + 1 < nc:
                 dw = None
-                for phase in (plus, minus):
-                    below = phase.states[nf + i + 1]
-                    unpooled = self._unpool(phase.states[nf + i], self._last_indices(phase, i), i)
+                for phase, states in ((plus, s_plus), (minus, s_minus)):
+                    below = states[nf + i + 1]
+                    unpooled = self._unpool(states[nf + i], self._last_indices(phase, i), i)
                     corr = torch.nn.grad.conv2d_weight(below, w.shape, unpooled, padding=p)
                     dw = corr if dw is None else dw.sub_(corr)
             else:  # the input's pool indices do not change: one correlation of the difference

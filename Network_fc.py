@@ -12,11 +12,18 @@ from collections import namedtuple
 import torch
 import torch.nn as nn
 
-from binary_ep.activations import nudge, one_hot, rho
+from binary_ep.activations import one_hot
+from binary_ep.binary_optimizer import current_alpha
 from binary_ep.network import EPNetwork
+from binary_ep.neurons import neuron_model
 
 
-FcConstants = namedtuple("FcConstants", "x W WT b")
+FcConstants = namedtuple("FcConstants", "x W WT b alpha")
+FcConstants.__doc__ = """What stays constant while one batch relaxes: ``x``, the input drive
+``W[-1] x + b[-1]`` (n_{L-2}, B); ``W`` and ``WT``, the weight matrices and the contiguous
+transposes of all but the input layer's; ``b``, the bias columns (n_k, 1); ``alpha``: None for
+rate neurons (``W`` are the weights), else each layer's alpha (1, 1), with ``W``/``WT`` the
++-1 sign matrices (binary neurons: products of bits are integer counts times alpha)."""
 
 
 def _addmm(bias, a, b, out):
@@ -33,6 +40,7 @@ class Network_fc(EPNetwork):
         """``args.layersList`` is input first (784 4096 10); internally sizes run output first."""
         super().__init__()
         self.sizes = list(reversed(args.layersList))  # [10, 4096, 784]
+        self.neurons, self.expand_output = neuron_model(args), args.expand_output
         self.W = nn.ModuleList(nn.Linear(self.sizes[k + 1], self.sizes[k])
                                for k in range(len(self.sizes) - 1))
         names = [f"fc{k}" for k in range(len(self.W))]
@@ -41,11 +49,12 @@ class Network_fc(EPNetwork):
                                [False] * len(self.W), alpha_scale=0.5)
 
     def target(self, labels):
-        """One-hot targets in {0, 1}, shape (10, B)."""
-        return one_hot(labels).to(self.W[0].weight.dtype).t()
+        """One-hot targets in {0, 1}, each class's entry repeated ``expand_output`` (E) times,
+        shape (10 E, B)."""
+        return one_hot(labels, self.expand_output).to(self.W[0].weight.dtype).t()
 
     def output(self, s):
-        """Output states, shape (B, 10)."""
+        """Output states, shape (B, 10 E)."""
         return s[0].t()
 
     def initHidden(self, batch):
@@ -59,44 +68,70 @@ class Network_fc(EPNetwork):
         transposes and the bias columns the stepper uses (made once per batch instead of once per
         step)."""
         layer = self.W[-1]
-        weights = [l.weight for l in self.W]
+        weights, alpha = [l.weight for l in self.W], None
+        if self.neurons.binary:  # the layers read bits: their sign matrices and alpha
+            alpha = [current_alpha(w, False) for w in weights]
+            weights = [torch.sign(w) for w in weights]
         return FcConstants(torch.addmm(layer.bias.unsqueeze(1), layer.weight, x.t()), weights,
                            [w.t().contiguous() for w in weights[:-1]],
-                           [l.bias.unsqueeze(1) for l in self.W])
+                           [l.bias.unsqueeze(1) for l in self.W], alpha)
 
     def split_drive(self, drive, n):
         return [drive._replace(x=part.contiguous()) for part in drive.x.tensor_split(n, 1)]
 
-    def stepper(self, s, drive, target=None, beta=0.0, out=None, record=None):
-        """One synchronous step, every layer from the previous states ``s``::
+    def stepper(self, s, drive, target=None, beta=0.0, out=None, record=None, ref=None):
+        """One synchronous step, every layer from the previous states ``s``; rate neurons::
 
             s[0] <- rho(W[0] s[1] + b[0])  (+ beta (y - s[0]) in the nudged phase)
             s[k] <- rho(W[k] s[k+1] + b[k] + W[k-1]^T s[k-1])
             every state clamped to [0, 1]
 
-        ``drive`` comes from ``input_drive`` (``drive.x`` is ``W[-1] x + b[-1]``).  ``out``
-        (optional, scratch buffers the caller owns) receives the new states, except the bottom
-        hidden layer's, which is then updated in place in ``s`` (computed last, after its only
-        reader): only ``relax`` passes ``out``, with states of its own.  The fc step needs
-        nothing besides the states for the gradient, so ``record`` stays empty.
+        binary neurons (``BinaryNeurons``) read the bits ``H(s - rho_threshold)`` of their
+        neighbours, as integer counts times alpha, and filter their input into their states.
+        ``drive`` comes from ``input_drive`` (``drive.x`` is ``W[-1] x + b[-1]``); the nudge
+        pulls towards ``target`` from ``ref`` (default the current ``s[0]``).  ``out``
+        (optional, scratch buffers the caller owns) receives the new states of rate neurons,
+        except the bottom hidden layer's, which is then updated in place in ``s`` (computed
+        last, after its only reader): only ``relax`` passes ``out``, with states of its own.
+        The fc step needs nothing besides the states for the gradient: ``record`` stays empty.
         """
-        n = len(s)
+        n, neurons = len(s), self.neurons
+        if neurons.binary:
+            out = None  # the update reads the previous states
+        b = [neurons.send(v) for v in s]
         new = []
         for k in range(n):
-            buf = None if out is None else out[k]
-            if k == n - 1 and n > 1 and out is not None:
-                buf = s[k]  # its one reader, layer k - 1, is done: update in place (less cache)
-            if k == n - 1:  # bottom state: constant input drive
-                a = drive.x.clone() if n == 1 else _addmm(drive.x, drive.WT[k - 1], s[k - 1], buf)
+            if drive.alpha is not None:
+                a = self._counted_input(drive, b, k, n)
             else:
-                a = _addmm(drive.b[k], drive.W[k], s[k + 1], buf)
-                if k > 0:
-                    a = _addmm(a, drive.WT[k - 1], s[k - 1], a)
-            a = rho(a, self.activation)
-            if k == 0 and beta != 0:
-                a = nudge(a, s[0], target, beta)
-            new.append(a)
+                buf = None if out is None else out[k]
+                if k == n - 1 and n > 1 and out is not None:
+                    buf = s[k]  # its one reader, layer k - 1, is done: update in place (less cache)
+                if k == n - 1:  # bottom state: constant input drive
+                    a = drive.x.clone() if n == 1 else _addmm(drive.x, drive.WT[k - 1], b[k - 1], buf)
+                else:
+                    a = _addmm(drive.b[k], drive.W[k], b[k + 1], buf)
+                    if k > 0:
+                        a = _addmm(a, drive.WT[k - 1], b[k - 1], a)
+            diff = target - (s[0] if ref is None else ref) if k == 0 and beta != 0 else None
+            new.append(neurons.update(s[k], a, diff, beta))
         return new
+
+    @staticmethod
+    def _counted_input(drive, b, k, n):
+        """The input of layer ``k`` from the bits ``b`` of its neighbours, (n_k, B)::
+
+            alpha_k count(sign(W[k]) b[k+1]) + b[k] + alpha_{k-1} count(sign(W[k-1])^T b[k-1])
+
+        (the bottom hidden layer: the input drive ``W[-1] x + b[-1]`` for the first two terms);
+        each count is a float32 product of +-1 and 0/1 entries, an exact integer."""
+        if k == n - 1:
+            a = drive.x.clone()
+        else:
+            a = torch.mm(drive.W[k], b[k + 1]).mul_(drive.alpha[k]).add_(drive.b[k])
+        if k > 0:
+            a.add_(torch.mm(drive.WT[k - 1], b[k - 1]).mul_(drive.alpha[k - 1]))
+        return a
 
     def computeGradient(self, x, plus, minus, beta_span, batch=None):
         """Write the EP estimate of ``dL/dW = -dW`` of every layer for ``updateWeights``::
@@ -105,13 +140,15 @@ class Network_fc(EPNetwork):
             db[k] = sum_batch(s_+[k] - s_-[k]) / (beta_span B)
 
         with ``plus``/``minus`` the ``Phase`` of the nudged/free states (one-sided, ``beta_span =
-        beta``) or of the +beta and -beta nudged states (symmetric, ``beta_span = 2 beta``); ``x``
+        beta``) or of the +beta and -beta nudged states (symmetric, ``beta_span = 2 beta``), and
+        for binary neurons their bits ``H(s - rho_threshold)`` in place of ``s``; ``x``
         is (b, n_input), the samples of this process; B is ``batch`` (the global mini-batch of a
         data-parallel run, whose ranks add up their sums; default b).  The input layer's is
         ``(s_+[L-2] - s_-[L-2]) x``, one product, handed to the flip optimizer as its two factors
         (``set_outer_grad``: (n, b) and (b, n_input)), which forms it block by block.
         """
-        s_plus, s_minus = plus.states, minus.states
+        send = self.neurons.send  # rate neurons: the states; binary neurons: their bits
+        s_plus, s_minus = [send(v) for v in plus.states], [send(v) for v in minus.states]
         c = 1.0 / (beta_span * (x.shape[0] if batch is None else batch))
         n = len(s_plus)
         for k, layer in enumerate(self.W):

@@ -28,7 +28,7 @@ ORDER = "output layer first"
 
 
 def build_parser():
-    from binary_ep.vocabulary import ACTIVATIONS, DATASETS, Parser
+    from binary_ep.vocabulary import ACTIVATIONS, BINARY_SETTINGS, DATASETS, Parser
     p = Parser(
         prog="main.py", description="Binary-weight Equilibrium Propagation (fc or conv networks). "
         "Per-layer lists (--gamma, --gradThreshold, --lrBias, --lrAlpha, ...) are ordered from the "
@@ -64,8 +64,10 @@ def build_parser():
                    "network as S-<n>/binary_model.npz (sign bits, alpha, biases; see README), then exit")
     a = p.add_argument_group("binary optimization (lists: " + ORDER + ")")
     a.add_argument("--gamma", type=float, nargs="+", help="low-pass filter constant per layer")
-    a.add_argument("--gamma_classi", type=float, nargs="+", help="conv: gamma of the classifier layers")
-    a.add_argument("--gamma_conv", type=float, nargs="+", help="conv: gamma of the conv layers (top first)")
+    a.add_argument("--gamma_classi", "--classi_gamma", dest="gamma_classi", type=float, nargs="+",
+                   help="conv: gamma of the classifier layers")
+    a.add_argument("--gamma_conv", "--conv_gamma", dest="gamma_conv", type=float, nargs="+",
+                   help="conv: gamma of the conv layers (top first)")
     a.add_argument("--gradThreshold", type=float, nargs="+", help="flip threshold per layer")
     a.add_argument("--classi_threshold", type=float, nargs="+", help="conv: thresholds of the classifier")
     a.add_argument("--conv_threshold", type=float, nargs="+", help="conv: thresholds of the conv layers")
@@ -90,6 +92,16 @@ def build_parser():
     a.add_argument("--lrAlpha", type=float, nargs="*", help="learning rate of each alpha (" + ORDER + ")")
     a.add_argument("--decayLrAlpha", type=float, default=1.0, help="divide lrAlpha by this ...")
     a.add_argument("--epochDecayLrAlpha", type=int, default=1, help="... from this epoch on (1-based)")
+    a = p.add_argument_group("neurons (the paper's Section 4: binary neurons)")
+    a.add_argument("--binary_settings", choices=BINARY_SETTINGS, default="bin_W", help="bin_W: binary "
+                   "weights, full-precision neurons; bin_W_N: binary weights and binary neurons "
+                   "(with --activationFun heaviside) (default bin_W)")
+    a.add_argument("--rho_threshold", type=float, default=0.5, help="bin_W_N: a neuron sends 1 where "
+                   "its state is >= this (default 0.5)")
+    a.add_argument("--gamma_neur", type=float, default=0.5, help="bin_W_N: the filter constant of "
+                   "the neurons' states, in (0, 1] (default 0.5)")
+    a.add_argument("--expand_output", type=int, default=1, help="output neurons per class: the "
+                   "output layer has 10 times this many (default 1)")
     return p
 
 
@@ -169,8 +181,9 @@ def validate(parser, args):
     flag: ``binary_ep.limits``)."""
     from binary_ep.vocabulary import INPUT_SHAPE, N_CLASSES, UserError, conv_geometry
     checked(parser, args)
-    if args.layersList[-1] != N_CLASSES:
-        parser.error(f"--layersList must end with {N_CLASSES} output units (the classes), got "
+    if args.layersList[-1] != N_CLASSES * args.expand_output:
+        parser.error(f"--layersList must end with {N_CLASSES * args.expand_output} output units "
+                     f"({N_CLASSES} classes x --expand_output {args.expand_output}), got "
                      f"{args.layersList[-1]}")
     shape = INPUT_SHAPE[args.dataset]
     if args.archi == "fc" and args.layersList[0] != shape[0] * shape[1] * shape[2]:

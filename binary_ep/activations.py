@@ -1,12 +1,15 @@
-"""The activations, the output nudge and one-hot targets (DESIGN.md sections 4 and 5).
+"""The activations, one-hot targets and the readouts of the output layer (DESIGN.md sections 4,
+5 and 10).
 
 Every state is clamped to [0, 1]: ``hardsigm`` is ``clamp(a, 0, 1)``, ``sigm`` the logistic of
-slope 4 centred on 0.5, ``tanh`` the hyperbolic tangent clamped to [0, 1].
+slope 4 centred on 0.5, ``tanh`` the hyperbolic tangent clamped to [0, 1].  ``heaviside`` names
+the binary neurons of ``binary_ep.neurons`` (they send ``H(s - rho_threshold)``), not a ``rho``.
 """
 
 import torch
 
 from binary_ep.vocabulary import N_CLASSES
+
 
 def rho(a, name):
     """Activation followed by the clamp of every state to [0, 1].
@@ -24,13 +27,6 @@ def rho(a, name):
     raise ValueError(f"unknown activation {name!r}")
 
 
-def nudge(a, s_out, target, beta):
-    """Output-layer nudge of the stepper: ``clamp(a + beta * (y - s[0]), 0, 1)``."""
-    if torch.is_grad_enabled() and (a.requires_grad or s_out.requires_grad):
-        return (a + beta * (target - s_out)).clamp(0, 1)
-    return a.add_(target - s_out, alpha=beta).clamp_(0, 1)
-
-
 def output_slope(s_out, activation):
     """Slope ``rho'(a)`` of the output activation at the pre-activation ``a`` that produced the
     output states ``s_out = rho(a)``, read off the states themselves (elementwise, same shape):
@@ -46,7 +42,20 @@ def output_slope(s_out, activation):
     raise ValueError(f"unknown activation {activation!r}")
 
 
-def one_hot(labels):
-    """One-hot targets in {0, 1}: labels (B,) -> (B, 10) float32."""
-    return torch.nn.functional.one_hot(labels, N_CLASSES).to(torch.float32)
+def one_hot(labels, expand=1):
+    """One-hot targets in {0, 1}, each class's entry repeated ``expand`` (E) times in place
+    (class c owns the outputs c E ... c E + E - 1): labels (B,) -> (B, 10 E) float32."""
+    y = torch.nn.functional.one_hot(labels, N_CLASSES).to(torch.float32)
+    return y if expand == 1 else y.repeat_interleave(expand, dim=1)
+
+
+def class_scores(out, expand=1):
+    """The population readout: the mean output state of each class's ``expand`` (E) neurons,
+    (B, 10 E) -> (B, 10); the prediction is its argmax."""
+    return out if expand == 1 else out.view(out.shape[0], N_CLASSES, expand).mean(2)
+
+
+def first_neuron_scores(out, expand):
+    """The first output neuron of each class alone, (B, 10 E) -> (B, 10)."""
+    return out[:, ::expand]
 

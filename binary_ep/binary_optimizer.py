@@ -42,7 +42,8 @@ class BinaryFlip(torch.optim.Optimizer):
     One param group per layer with keys ``gamma``, ``threshold``, ``lr_alpha`` (0 = fixed alpha),
     ``alpha_scale`` (the factor ``c`` below), ``per_channel`` and ``name``.  ``.grad`` holds the
     loss gradient estimate (EP writes ``-dW``).
-    Per step, with ``m`` the low-pass filtered gradient (state ``filtered_grad``, starts at 0)::
+    Per step, with ``m`` the low-pass filtered gradient (state ``filtered_grad``, starts at 0 or
+    at ``start_filters``)::
 
         m <- (1 - gamma) m + gamma * grad
         flip w -> -w  where  w * m > threshold * alpha      (i.e. -sign(w) * dW_filtered > threshold)
@@ -72,6 +73,14 @@ class BinaryFlip(torch.optim.Optimizer):
             raise ValueError(f"gradient factors {tuple(a.shape)} @ {tuple(b.shape)} do not match {tuple(w.shape)}")
         self._outer[id(w)] = (a, b, scale)
         w.grad = None
+
+    def start_filters(self, draw):
+        """Start each layer's filtered gradient ``m`` at ``draw(w, gamma)`` (a tensor shaped like
+        the weight ``w``) instead of 0 (the original conv network of binary neurons starts it
+        at ``2 gamma N(0, 1)``); saved in ``state_dict`` like every later value."""
+        for group in self.param_groups:
+            (w,) = group["params"]
+            self.state[w]["filtered_grad"] = draw(w, group["gamma"])
 
     def pending_factors(self, w):
         """``(a, b, scale)`` of ``w``'s pending product gradient, or None (a ``.grad`` wins)."""
@@ -118,6 +127,8 @@ class BinaryFlip(torch.optim.Optimizer):
             if "filtered_grad" not in state:
                 state["filtered_grad"] = torch.zeros_like(w)
             m = state["filtered_grad"]
+            if m.device != w.device:  # started (``start_filters``) before the network moved
+                m = state["filtered_grad"] = m.to(w.device)
             per_channel, lr_alpha = group["per_channel"], group["lr_alpha"]
             alpha = current_alpha(w, per_channel)
             limit = alpha * group["threshold"]  # a tensor: no wait for the device

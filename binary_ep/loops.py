@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from binary_ep import distributed, signals
-from binary_ep.activations import one_hot
+from binary_ep.activations import class_scores, first_neuron_scores, one_hot
 
 
 class Diverged(Exception):
@@ -34,7 +34,8 @@ def _progress(iterable, desc, total):
 def train_epoch(net, loader, epoch, estimator, prepare):
     """One pass over ``loader``: ``estimator.compute_gradient`` (free phase, nudged phase,
     gradient), ``updateWeights``.  Returns a dict with ``train_error`` (%), ``train_loss`` (per
-    sample) and ``flips`` (per layer).
+    sample), ``flips`` (per layer) and, for binary neurons, ``train_error_single`` (%, the
+    first output neuron of each class alone).
 
     The EP estimate divides by the global batch (``loader.global_sizes``, when the loader yields
     shares of global batches); the ranks' gradients are then added up (``Replicas.combine``).
@@ -47,61 +48,98 @@ def train_epoch(net, loader, epoch, estimator, prepare):
     net.set_epoch(epoch)
     if hasattr(loader, "set_epoch"):  # seeded per-sample augmentation (CIFAR-10)
         loader.set_epoch(epoch)
-    n_seen, n_wrong, loss_sum = 0, 0, 0.0
+    n_seen, totals = 0, None
     flips = torch.zeros(len(net.layer_names), dtype=torch.float64, device=device)
     bar = _progress(loader, f"epoch {epoch} train", len(loader))
     with torch.no_grad():
-        for batch, (x, labels) in enumerate(bar, 1):
+        for number, (x, labels) in enumerate(bar, 1):
             signals.check()  # one process: a signal an exception callback dropped stops here
             x = prepare(net, x.to(device))
             labels = labels.to(device)
-            total = labels.numel() if sizes is None else sizes[batch - 1]
+            total = labels.numel() if sizes is None else sizes[number - 1]
             s_free = estimator.compute_gradient(net, x, net.target(labels), batch=total)
             n = len(s_free)
-            wrong, loss = _scores(net.output(s_free), labels)
-            # the failed checks of this rank's states, its scores and stop requests: summed over
-            # the ranks in the same message as the gradients
-            mine = torch.cat([(~net.health(s_free)[:n]).to(torch.float64), torch.stack([wrong, loss]),
-                              replicas.stop_flags(device)])
-            shared = replicas.combine(net, total, mine)
+            # this rank's failed state checks, scores and stop requests, summed over the ranks in
+            # the message of the gradients; then the checks of the step's biases and alpha
+            summed = Readback(states=~net.health(s_free)[:n], scores=_scores(net, s_free, labels),
+                              stop=replicas.stop_flags(device))
+            shared = replicas.combine(net, total, summed.tensor)
             flips += torch.stack(net.updateWeights()).to(torch.float64)
-            # the checks of the biases and alpha after the step (the same on every rank)
-            read = torch.cat([shared, (~net.health(s_free)[n:]).to(torch.float64)]).tolist()  # one read
-            replicas.stop_if_asked(read[n + 2:n + 4], f"training batch {batch} of epoch {epoch}")
-            problem = net.problem([v == 0 for v in read[:n] + read[n + 4:]], n)
+            after = Readback(shared=shared, params=~net.health(s_free)[n:]).read()  # one read
+            read = summed.unpack(after["shared"])
+            replicas.stop_if_asked(read["stop"], f"training batch {number} of epoch {epoch}")
+            problem = net.problem([v == 0 for v in read["states"] + after["params"]], n)
             if problem is not None:
-                raise Diverged(f"{problem} at epoch {epoch}, batch {batch}")
+                raise Diverged(f"{problem} at epoch {epoch}, batch {number}")
             n_seen += total
-            n_wrong += int(read[n])
-            loss_sum += read[n + 1]
-            bar.set_postfix(error=f"{100 * n_wrong / n_seen:.2f}%", loss=f"{loss_sum / n_seen:.4f}", refresh=False)
-    return {"train_error": 100.0 * n_wrong / max(n_seen, 1), "train_loss": loss_sum / max(n_seen, 1),
-            "flips": flips.tolist()}
+            totals = read["scores"] if totals is None else [t + v for t, v in zip(totals, read["scores"])]
+            bar.set_postfix(error=f"{100 * totals[0] / n_seen:.2f}%", loss=f"{totals[1] / n_seen:.4f}",
+                            refresh=False)
+    return {**_rates("train", totals, n_seen), "flips": flips.tolist()}
 
 
-def _scores(out, labels):
-    """(number of wrong predictions, summed loss ``||out - y||^2 / 2``) of a batch, as float64
-    tensors on the device; ``out`` is (B, 10)."""
-    wrong = (out.argmax(1) != labels).sum().to(torch.float64)
-    loss = (0.5 * ((out - one_hot(labels)) ** 2).sum()).to(torch.float64)
-    return wrong, loss
+class Readback:
+    """Named vectors of the device as one float64 tensor (one message between ranks, one read
+    by the host), and taken apart again by name: ``Readback(a=..., b=...)``, ``.tensor``,
+    ``.read()`` / ``.unpack(values)`` -> ``{"a": [floats], "b": [floats]}``."""
+
+    def __init__(self, **parts):
+        self.names = list(parts)
+        flat = [v.reshape(-1).to(torch.float64) for v in parts.values()]
+        self.sizes = [v.numel() for v in flat]
+        self.tensor = torch.cat(flat)
+
+    def read(self):
+        """The values, read by the host once."""
+        return self.unpack(self.tensor.tolist())
+
+    def unpack(self, values):
+        """``values`` (floats, the packed order) by name."""
+        out, start = {}, 0
+        for name, size in zip(self.names, self.sizes):
+            out[name], start = list(values[start:start + size]), start + size
+        return out
+
+
+def _scores(net, s, labels):
+    """The scores of a batch as a float64 tensor on the device: the number of wrong predictions
+    of the population readout (``class_scores``), the summed loss ``||s[0] - y||^2 / 2`` and,
+    for binary neurons, the wrong predictions of the first output neuron of each class."""
+    out, expand = net.output(s), net.expand_output
+    parts = [(class_scores(out, expand).argmax(1) != labels).sum(),
+             0.5 * ((out - one_hot(labels, expand)) ** 2).sum()]
+    if net.neurons.binary:
+        parts.append((first_neuron_scores(out, expand).argmax(1) != labels).sum())
+    return torch.stack([p.to(torch.float64) for p in parts])
+
+
+def _rates(phase, totals, n_seen):
+    """``{"<phase>_error": %, "<phase>_loss": per sample[, "<phase>_error_single": %]}`` of the
+    summed ``_scores`` ``totals`` over ``n_seen`` samples."""
+    totals, n = totals or [0.0, 0.0], max(n_seen, 1)
+    out = {f"{phase}_error": 100.0 * totals[0] / n, f"{phase}_loss": totals[1] / n}
+    if len(totals) > 2:
+        out[f"{phase}_error_single"] = 100.0 * totals[2] / n
+    return out
 
 
 def test_epoch(net, loader, epoch, prepare):
-    """Free phase only over ``loader``.  Returns ``test_error`` (%) and ``test_loss`` (per sample)
-    (summed on the device, and over the ranks' shares of the test set, read once at the end)."""
+    """Free phase only over ``loader``.  Returns ``test_error`` (%), ``test_loss`` (per sample)
+    and, for binary neurons, ``test_error_single`` (summed on the device, and over the ranks'
+    shares of the test set, read once at the end)."""
     device = next(net.parameters()).device
     replicas = distributed.current()
-    n_seen, totals = 0, torch.zeros(2, dtype=torch.float64, device=device)
+    n_seen = 0
+    totals = torch.zeros(3 if net.neurons.binary else 2, dtype=torch.float64, device=device)
     bar = _progress(loader, f"epoch {epoch} test", len(loader))
     with torch.no_grad():
-        for batch, (x, labels) in enumerate(bar, 1):
+        for number, (x, labels) in enumerate(bar, 1):
             signals.check()
             x = prepare(net, x.to(device))
             labels = labels.to(device)
             (free,) = net.phases(x)
-            totals += torch.stack(_scores(net.output(free.states), labels))
+            totals += _scores(net, free.states, labels)
             n_seen += labels.numel()
-            replicas.stop_point(device, f"test batch {batch} of epoch {epoch}")
-    n_wrong, loss_sum, n_seen = replicas.sum_(torch.cat([totals, totals.new_tensor([n_seen])])).tolist()
-    return {"test_error": 100.0 * n_wrong / max(n_seen, 1), "test_loss": loss_sum / max(n_seen, 1)}
+            replicas.stop_point(device, f"test batch {number} of epoch {epoch}")
+    *totals, n_seen = replicas.sum_(torch.cat([totals, totals.new_tensor([n_seen])])).tolist()
+    return _rates("test", totals, n_seen)

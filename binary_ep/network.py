@@ -58,6 +58,7 @@ class EPNetwork(nn.Module):
                                      for k, b in enumerate(biases)], lr=args.lrBias[0])
 
     batch_dim = 0  # the batch dimension of the states and targets (fc: 1, its column layout)
+    nudge_from_start = False  # the nudge's reference: the current output (else the phase's start)
 
     def split_drive(self, drive, n):
         """``input_drive``'s constants for ``n`` consecutive shares of the batch (subclasses)."""
@@ -129,12 +130,16 @@ class EPNetwork(nn.Module):
 
     def _relax(self, s, drive, T, target=None, beta=0.0):
         """``T`` steps of ``stepper`` in this thread, from copies of ``s`` (with autograd off the
-        copies and one spare set are the scratch space the steps alternate between)."""
+        copies and one spare set are the scratch space the steps alternate between).  A nudged
+        phase pulls the output from its current state, or, where ``nudge_from_start`` (the conv
+        network of binary neurons), from the state it started from: the free phase's output."""
         s = [v.clone() for v in s]
         spare = None if torch.is_grad_enabled() else [torch.empty_like(v) for v in s]
         record = {}
+        ref = s[0].clone() if beta != 0 and self.nudge_from_start else None
         for t in range(T):
-            new = self.stepper(s, drive, target, beta, out=spare, record=record if t == T - 1 else None)
+            new = self.stepper(s, drive, target, beta, out=spare, record=record if t == T - 1 else None,
+                               ref=ref)
             if spare is not None:
                 spare = s
             s = new

@@ -8,7 +8,8 @@ import argparse
 import re
 from collections import namedtuple
 
-ACTIVATIONS = ("hardsigm", "sigm", "tanh")
+ACTIVATIONS = ("hardsigm", "sigm", "tanh", "heaviside")  # heaviside: binary neurons, and only they
+BINARY_SETTINGS = ("bin_W", "bin_W_N")  # binary weights; binary weights and binary neurons
 DATASETS = ("mnist", "fashion_mnist", "digits", "cifar10")
 # (channels, height, width) of each data set's images; all have 10 classes.
 INPUT_SHAPE = {"mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28), "digits": (1, 8, 8),
