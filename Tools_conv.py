@@ -42,7 +42,7 @@ def initDataframe(path, net):
     """The results dataframe of the run in ``path``: empty, with the classifier's and the
     convolutions' columns (``flips_fc0`` ... ``flips_conv0`` ...), or the rows of an existing
     ``results.csv`` (resume)."""
-    return run_folder.init_results(path, net.layer_names)
+    return run_folder.init_results(path, net.layer_names, net.neurons.binary)
 
 
 def updateDataframe(path, df, epoch, train, test, net, seconds):

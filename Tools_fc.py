@@ -35,7 +35,7 @@ def test_bin(net, loader, epoch):
 def initDataframe(path, net):
     """The results dataframe of the run in ``path``: empty, with the fc columns
     (``flips_fc0`` ... per layer), or the rows of an existing ``results.csv`` (resume)."""
-    return run_folder.init_results(path, net.layer_names)
+    return run_folder.init_results(path, net.layer_names, net.neurons.binary)
 
 
 def updateDataframe(path, df, epoch, train, test, net, seconds):

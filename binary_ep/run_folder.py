@@ -177,20 +177,22 @@ def recorded_differences(path, values, names):
             if n in effective and _value(values[n]) != effective[n]]
 
 
-def result_columns(layer_names):
-    """Columns of ``results.csv`` (index: ``epoch``, 1-based) for layers named ``layer_names``."""
-    return (["train_error", "test_error", "train_loss", "test_loss"]
+def result_columns(layer_names, single=False):
+    """Columns of ``results.csv`` (index: ``epoch``, 1-based) for layers named ``layer_names``;
+    ``single`` (binary neurons): the errors of the first output neuron of each class alone too."""
+    return (["train_error", "test_error"] + (["train_error_single", "test_error_single"] if single else [])
+            + ["train_loss", "test_loss"]
             + [f"flips_{n}" for n in layer_names] + [f"fliprate_{n}" for n in layer_names]
             + [f"alpha_{n}" for n in layer_names] + ["epoch_seconds"])
 
 
-def init_results(path, layer_names):
-    """An empty results dataframe with the run's columns (or the existing ``results.csv``, read
-    back and checked by ``read_results``)."""
+def init_results(path, layer_names, single=False):
+    """An empty results dataframe with the run's columns (``result_columns``), or the existing
+    ``results.csv``, read back and checked by ``read_results``."""
     results = os.path.join(path, "results.csv")
     if os.path.exists(results):
         return read_results(results)
-    df = pd.DataFrame(columns=result_columns(layer_names), dtype=float)
+    df = pd.DataFrame(columns=result_columns(layer_names, single), dtype=float)
     df.index.name = "epoch"
     return df
 
@@ -253,9 +255,7 @@ def _number(cell, name, bad, epoch):
 
 def update_results(path, df, epoch, train, test, net, seconds):
     """Add the row of ``epoch`` and rewrite ``results.csv`` atomically."""
-    row = {"train_error": train["train_error"], "test_error": test["test_error"],
-           "train_loss": train["train_loss"], "test_loss": test["test_loss"],
-           "epoch_seconds": seconds}
+    row = {**train, **test, "epoch_seconds": seconds}
     for name, n, size, alpha in zip(net.layer_names, train["flips"], net.n_weights, net.alphas()):
         row[f"flips_{name}"] = n
         row[f"fliprate_{name}"] = 100.0 * n / size
@@ -282,7 +282,7 @@ def open_run(args, argv, net, tools, generators):
                   file=sys.stderr)
             return path, done, None
         df = resume.resumed_dataframe(path, lambda: tools.initDataframe(path, net),
-                                      result_columns(net.layer_names), done)
+                                      result_columns(net.layer_names, net.neurons.binary), done)
         lock_run_folder(path)
     note_resume(path, done, argv)
     print(f"resuming {path} after epoch {done}\nrun folder: {path}", file=sys.stderr)
