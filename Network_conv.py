@@ -39,7 +39,7 @@ from binary_ep import cpu_kernels
 from binary_ep.activations import one_hot
 from binary_ep.binary_optimizer import current_alpha
 from binary_ep.network import EPNetwork
-from binary_ep.neurons import neuron_model
+from binary_ep.neurons import count, count_signs, neuron_model
 from binary_ep.vocabulary import INPUT_SHAPE, conv_geometry
 
 ConvDrive = namedtuple("ConvDrive", "pooled indices conv_w fc_top tracked counted")
@@ -50,11 +50,12 @@ that reads the top convolution, its columns reordered to that state's (h, w, c) 
 ``tracked``, a dict of the ``Tracked`` terms of the compiled CPU path (the drive of one stream
 only: they change as the states relax); ``counted``: None for rate neurons, else ``Counted``."""
 
-Counted = namedtuple("Counted", "fc fc_top conv fc_alpha conv_alpha")
+Counted = namedtuple("Counted", "fc fc_t fc_top fc_top_t conv fc_alpha conv_alpha")
 Counted.__doc__ = """Binary neurons read bits, so their products are integer counts times alpha:
-``fc`` the +-1 sign matrices of the classifier (``fc_top``: of ``ConvDrive.fc_top``), ``conv``
-those of the convolutions (states' layout), and the alpha of each classifier layer (1, 1) and
-of each convolution's output channels (1, C, 1, 1)."""
+``fc``/``fc_t`` the +-1 sign matrices of the classifier and their transposes (``fc_top``/
+``fc_top_t``: of ``ConvDrive.fc_top``), as ``neurons.count`` takes them; ``conv`` those of the
+convolutions (states' layout, float); the alpha of each classifier layer (1, 1) and of each
+convolution's output channels (1, C, 1, 1)."""
 
 # a tracked term is recomputed in full on its first step and after this many updates, and in a
 # sample where more than this fraction of its input changed (there that is faster)
@@ -158,7 +159,9 @@ class Network_conv(EPNetwork):
         pooled, indices = (t.contiguous(memory_format=self.layout) for t in (pooled, indices))
         counted = None
         if self.neurons.binary:
-            counted = Counted([torch.sign(l.weight) for l in self.fc], torch.sign(fc_top),
+            fc = [count_signs(l.weight) for l in self.fc]
+            top = count_signs(fc_top)
+            counted = Counted(fc, [w.t().contiguous() for w in fc], top, top.t().contiguous(),
                               [torch.sign(w) for w in conv_w],
                               [current_alpha(l.weight, False) for l in self.fc],
                               [current_alpha(l.weight, True).view(1, -1, 1, 1) for l in self.conv])
@@ -185,10 +188,10 @@ class Network_conv(EPNetwork):
             buf = None if out is None else out[k]
             below = b[k + 1] if k + 1 < nf else self._flat(b[nf])
             if counted is not None:
-                w = counted.fc[k] if k + 1 < nf else counted.fc_top
-                a = (below @ w.t()).mul_(counted.fc_alpha[k]).add_(layer.bias)
+                w_t = counted.fc_t[k] if k + 1 < nf else counted.fc_top_t
+                a = count(below, w_t).mul_(counted.fc_alpha[k]).add_(layer.bias)
                 if k > 0:
-                    a.add_((b[k - 1] @ counted.fc[k - 1]).mul_(counted.fc_alpha[k - 1]))
+                    a.add_(count(b[k - 1], counted.fc[k - 1]).mul_(counted.fc_alpha[k - 1]))
             else:
                 w = layer.weight if k + 1 < nf else drive.fc_top
                 a = torch.addmm(layer.bias, below, w.t()) if buf is None else \
@@ -209,10 +212,10 @@ class Network_conv(EPNetwork):
                 feedback = self._tracked_feedback(drive, i, s[nf + i - 1],
                                                   indices.contiguous(memory_format=self.layout))
             elif i == 0:
-                top = drive.fc_top if counted is None else counted.fc_top
-                flat = b[nf - 1] @ top
-                if counted is not None:
-                    flat.mul_(counted.fc_alpha[nf - 1])
+                if counted is None:
+                    flat = b[nf - 1] @ drive.fc_top
+                else:
+                    flat = count(b[nf - 1], counted.fc_top).mul_(counted.fc_alpha[nf - 1])
                 _, c, h, w = s[nf].shape
                 feedback = flat.view(-1, h, w, c).permute(0, 3, 1, 2)
             else:  # (binary neurons too: the channels' alphas differ, so a float product)

@@ -15,15 +15,16 @@ import torch.nn as nn
 from binary_ep.activations import one_hot
 from binary_ep.binary_optimizer import current_alpha
 from binary_ep.network import EPNetwork
-from binary_ep.neurons import neuron_model
+from binary_ep.neurons import count, count_signs, neuron_model
 
 
 FcConstants = namedtuple("FcConstants", "x W WT b alpha")
 FcConstants.__doc__ = """What stays constant while one batch relaxes: ``x``, the input drive
 ``W[-1] x + b[-1]`` (n_{L-2}, B); ``W`` and ``WT``, the weight matrices and the contiguous
 transposes of all but the input layer's; ``b``, the bias columns (n_k, 1); ``alpha``: None for
-rate neurons (``W`` are the weights), else each layer's alpha (1, 1), with ``W``/``WT`` the
-+-1 sign matrices (binary neurons: products of bits are integer counts times alpha)."""
+rate neurons (``W`` are the weights), else each layer's alpha (1, 1), with ``W``/``WT`` (but
+the input layer's) the +-1 sign matrices of ``neurons.count_signs`` (binary neurons: products of
+bits are integer counts times alpha)."""
 
 
 def _addmm(bias, a, b, out):
@@ -69,9 +70,9 @@ class Network_fc(EPNetwork):
         step)."""
         layer = self.W[-1]
         weights, alpha = [l.weight for l in self.W], None
-        if self.neurons.binary:  # the layers read bits: their sign matrices and alpha
-            alpha = [current_alpha(w, False) for w in weights]
-            weights = [torch.sign(w) for w in weights]
+        if self.neurons.binary:  # the layers read bits: their sign matrices and alpha (all but the
+            alpha = [current_alpha(w, False) for w in weights]  # input layer's, which reads x)
+            weights = [count_signs(w) for w in weights[:-1]] + weights[-1:]
         return FcConstants(torch.addmm(layer.bias.unsqueeze(1), layer.weight, x.t()), weights,
                            [w.t().contiguous() for w in weights[:-1]],
                            [l.bias.unsqueeze(1) for l in self.W], alpha)
@@ -128,9 +129,9 @@ class Network_fc(EPNetwork):
         if k == n - 1:
             a = drive.x.clone()
         else:
-            a = torch.mm(drive.W[k], b[k + 1]).mul_(drive.alpha[k]).add_(drive.b[k])
+            a = count(drive.W[k], b[k + 1]).mul_(drive.alpha[k]).add_(drive.b[k])
         if k > 0:
-            a.add_(torch.mm(drive.WT[k - 1], b[k - 1]).mul_(drive.alpha[k - 1]))
+            a.add_(count(drive.WT[k - 1], b[k - 1]).mul_(drive.alpha[k - 1]))
         return a
 
     def computeGradient(self, x, plus, minus, beta_span, batch=None):

@@ -1,4 +1,4 @@
-"""Training throughput and peak memory of the seed's configurations on synthetic data.
+"""Training throughput and peak memory of the paper's configurations on synthetic data.
 
     python benchmarks/benchmark.py [--device -1|0] [--configs fc1h ...] [--repeats 5] [--batches 20]
 
@@ -39,6 +39,18 @@ CONFIGS = {
                     "--Fpool 2 --T 150 --Kmax 10 --beta 0.3 --gamma 2e-7 2e-7 2e-7 2e-7 2e-7 "
                     "--gradThreshold 1e-8 1e-8 1e-8 1e-8 1e-8 --lrBias 0.001 0.002 0.025 0.05 0.1 "
                     "--batchSize 64 --dataset cifar10",
+    # the paper's Section 4 (binary neurons), lines 13, 15 and 17 of its repository's commands
+    "bwn_fc1h": "--archi fc --binary_settings bin_W_N --layersList 784 8192 100 --expand_output 10 "
+                "--activationFun heaviside --T 20 --Kmax 10 --beta 2 --gamma_neur 0.5 --gamma 2e-6 2e-6 "
+                "--gradThreshold 2.5e-7 2e-7 --lrBias 1e-7 1e-7 --batchSize 64 --dataset mnist",
+    "bwn_fc2h": "--archi fc --binary_settings bin_W_N --layersList 784 8192 8192 6000 --expand_output 600 "
+                "--activationFun heaviside --T 30 --Kmax 10 --beta 2 --gamma 1e-6 1e-6 1e-6 "
+                "--gradThreshold 2e-8 1e-8 5e-8 --lrBias 1e-6 1e-6 1e-6 --batchSize 64 --dataset mnist",
+    "bwn_conv": "--archi conv --binary_settings bin_W_N --layersList 700 --convList 512 256 1 "
+                "--expand_output 70 --padding 1 --kernelSize 5 --Fpool 3 --activationFun heaviside "
+                "--T 100 --Kmax 50 --beta 1 --classi_gamma 5e-8 --conv_gamma 5e-8 5e-8 "
+                "--classi_threshold 8e-8 --conv_threshold 8e-8 2e-7 --lrBias 2e-6 5e-6 1e-5 "
+                "--batchSize 64 --dataset mnist",
 }
 
 
@@ -46,14 +58,14 @@ def build(config, device):
     argv = CONFIGS[config].split() + ["--device", "-1", "--seed", "0", "--outDir", "/tmp"]
     _, args, _ = ep_main.parse(argv)
     torch.manual_seed(0)
-    net = ep_main.build_network(args).to(device)
+    net = ep_main.build_network(args, device)
     return net, args
 
 
 def time_config(config, device, repeats, batches):
     net, args = build(config, device)
     tools = ep_main.architecture(args.archi)[1]
-    estimator = EP(args.beta)
+    estimator = EP(args.beta, args.nudging)
     shape = INPUT_SHAPE[args.dataset]
     g = torch.Generator().manual_seed(0)
     xs = [torch.rand((args.batchSize,) + shape, generator=g) for _ in range(4)]
@@ -98,10 +110,10 @@ def main():
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {where}; torch {torch.__version__}; median of {a.repeats} runs of {a.batches} batches")
-    print(f"{'config':8} {'samples/s (median)':>20} {'min':>10} {'max':>10} {'peak MiB':>10}")
+    print(f"{'config':12} {'samples/s (median)':>20} {'min':>10} {'max':>10} {'peak MiB':>10}")
     for c in a.configs:
         med, lo, hi, peak = time_config(c, device, a.repeats, a.batches)
-        print(f"{c:8} {med:20.1f} {lo:10.1f} {hi:10.1f} {peak:10.1f}", flush=True)
+        print(f"{c:12} {med:20.1f} {lo:10.1f} {hi:10.1f} {peak:10.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ weights, the flip rule, the phases and the estimators are the same for both.
   Every product of binary inputs is then an integer count (``sign(W) b``) times alpha.
 """
 
+import os
+
 import torch
 
 from binary_ep.activations import rho
@@ -50,10 +52,16 @@ class BinaryNeurons:
 
     def __init__(self, rho_threshold, gamma_neur):
         self.rho_threshold, self.gamma_neur = rho_threshold, gamma_neur
+        # states live in [0, 1]: with rho_threshold 0.5, |s - 0.5| <= 0.5 holds for every state
+        # (in float32 too), so the mask removes nothing and is skipped
+        self.masks = rho_threshold != 0.5
 
     def send(self, s):
-        """The bits of the states ``s`` (any shape): 1.0 where ``s >= rho_threshold``, else 0.0."""
-        return (s >= self.rho_threshold).to(s.dtype)
+        """The bits of the states ``s`` (any shape): 1.0 where ``s >= rho_threshold``, else 0.0,
+        computed as ``min(sign(s - rho_threshold) + 1, 1)`` (the float32 difference is 0 exactly
+        where the two are equal and has the sign of the true one; twice as fast as a compare and
+        a cast on the CPU)."""
+        return (s - self.rho_threshold).sign_().add_(1.0).clamp_(max=1.0)
 
     def mask(self, s):
         """``rho'(s - rho_threshold)``: True where ``|s - rho_threshold| <= 0.5``."""
@@ -63,11 +71,36 @@ class BinaryNeurons:
         """The new states of a layer from its input ``a`` (a fresh tensor, overwritten), its
         previous states ``s`` (read) and, for the output layer in a nudged phase, ``diff = y -
         s_ref``: the input masked by ``rho'``, plus ``beta diff``, filtered into the states."""
-        a.mul_(self.mask(s))
+        if self.masks:
+            a.masked_fill_(~self.mask(s), 0.0)
         if diff is not None:
             a.add_(diff, alpha=beta)
         g = self.gamma_neur
         return a.mul_(g).add_(s, alpha=1.0 - g).clamp_(0, 1)
+
+
+# Integer matrix products (int8 x int8 -> int32) where this torch has them on the CPU: 4x faster
+# than float32 for the counts of binary neurons, and exact like them.  A private torch function,
+# so looked up, never required; EP_INT_COUNTS=0 turns it off (the same results either way).
+_INT_MM = getattr(torch, "_int_mm", None)
+
+
+def count_signs(w):
+    """The +-1 matrix ``sign(w)`` of a 2-D weight as ``count`` wants it: int8 on a CPU with
+    integer products, else in ``w``'s dtype."""
+    signs = torch.sign(w)
+    if _INT_MM is not None and w.device.type == "cpu" and os.environ.get("EP_INT_COUNTS") != "0":
+        return signs.to(torch.int8)
+    return signs
+
+
+def count(a, b):
+    """``a @ b`` of a +-1 matrix from ``count_signs`` and a matrix of 0/1 bits (either order),
+    in the bits' float dtype: integer counts, exact whichever product computes them."""
+    if a.dtype == torch.int8 or b.dtype == torch.int8:
+        dtype = b.dtype if a.dtype == torch.int8 else a.dtype
+        return _INT_MM(a.to(torch.int8), b.to(torch.int8)).to(dtype)
+    return a @ b
 
 
 def neuron_model(args):
