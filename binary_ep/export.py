@@ -22,7 +22,8 @@ files) that loads with ``numpy.load(path, allow_pickle=False)``; every array is 
 ``<name>`` runs over ``meta["layer_names"]``, output first (``fc0`` feeds the 10 outputs, then
 ``fc1`` ..., then ``conv0`` the top convolution ... the last convolution reads the image).  The
 export reads the network only through ``binary_weights()``, ``biases()``, ``layer_names``,
-``optW.param_groups[k]["per_channel"]``, ``args`` and, for convolutional networks, ``geometry``.
+``optW.param_groups[k]["per_channel"]``, ``args``, ``neurons`` (``kind``, and for binary neurons
+``rho_threshold``, ``gamma_neur``), ``expand_output`` and, for convolutional networks, ``geometry``.
 """
 
 import io
@@ -34,7 +35,7 @@ import torch
 
 from binary_ep.datasets import CIFAR10_MEAN, CIFAR10_STD
 from binary_ep.files import write_bytes
-from binary_ep.numpy_reference import FORMAT_VERSION, ExportError
+from binary_ep.model_file import FORMAT_VERSION, ExportError
 from binary_ep.vocabulary import INPUT_SHAPE
 
 FILE_NAME = "binary_model.npz"
@@ -53,6 +54,8 @@ ACTIVATIONS = {
     "hardsigm": "rho(a) = min(max(a, 0), 1)",
     "sigm": "rho(a) = 1 / (1 + exp(-4 (a - 0.5)))",
     "tanh": "rho(a) = min(max(tanh(a), 0), 1)",
+    "heaviside": "binary neurons: a neuron of state s sends b = H(s - rho_threshold), 1 where "
+                 "s >= rho_threshold, else 0 (conventions: binary_neurons)",
 }
 
 CONVENTIONS = {
@@ -72,7 +75,15 @@ CONVENTIONS = {
     "feedback": "top conv: (W_fc_last^T s_fc_last) reshaped (c, h, w); lower conv i: "
                 "conv_transpose(unpool(s_{i-1}, pool indices of layer i-1 from this step), W_{i-1}, padding)",
     "dynamics": "every state starts at initial_state; T synchronous steps, each layer computed from "
-                "the previous step's states; prediction = index of the largest output state",
+                "the previous step's states; rate neurons: s <- rho(a) of the drive a above, every "
+                "state clamped to [0, 1]",
+    "binary_neurons": "neurons binary: every layer sends b = H(s - rho_threshold) (H(0) = 1) in place "
+                      "of s, the input x stays full precision; a = the drive above with b for s (a "
+                      "product with b is alpha times the integer count of +1 minus -1 weights over "
+                      "the inputs where b = 1), a = 0 where |s - rho_threshold| > 0.5, then "
+                      "s <- clamp((1 - gamma_neur) s + gamma_neur a, 0, 1)",
+    "readout": "output unit u belongs to class u // expand_output; prediction = the class of the "
+               "largest mean output state over its expand_output units (the first such class)",
 }
 
 
@@ -142,7 +153,10 @@ def meta_for(net, layers=None):
     """The JSON-able description stored as ``meta``::
 
         format "binary-ep", format_version 1, archi "fc"|"conv", activation "hardsigm"|"sigm"|
-        "tanh" (activation_definition: its formula), T (free-phase steps), Kmax, padding,
+        "tanh"|"heaviside" (activation_definition: its formula), neurons "rate"|"binary"
+        (``net.neurons.kind``; binary with heaviside only), rho_threshold and gamma_neur (binary
+        neurons' constants; null for rate), expand_output E (``net.expand_output``: output units
+        a class, 10 E of them), T (free-phase steps), Kmax, padding,
         kernel_size, pool_size (conv; null for fc), initial_state 1.0, n_classes 10,
         layer_names (output first), layers [{name, kind "fc"|"conv", shape, alpha
         "per_layer"|"per_output_channel", conv only: input, conv, pool sizes [C, H, W]}],
@@ -164,6 +178,10 @@ def meta_for(net, layers=None):
     activation = args.activationFun
     if activation not in ACTIVATIONS:
         raise ExportError(f"unknown activation {activation!r}")
+    neurons, E = _neuron_meta(net, activation), int(net.expand_output)
+    outputs = int(layers[0]["weight"].shape[0])
+    if E < 1 or outputs % E:
+        raise ExportError(f"the output layer's {outputs} units are not --expand_output {E} units a class")
     meta = {
         "format": "binary-ep",
         "format_version": FORMAT_VERSION,
@@ -176,7 +194,9 @@ def meta_for(net, layers=None):
         "kernel_size": int(args.kernelSize) if conv else None,
         "pool_size": int(args.Fpool) if conv else None,
         "initial_state": 1.0,
-        "n_classes": int(layers[0]["weight"].shape[0]),
+        "n_classes": outputs // E,
+        "expand_output": E,
+        **neurons,
         "layer_names": [l["name"] for l in layers],
         "layers": [_layer_meta(l) for l in layers],
         "dataset": args.dataset,
@@ -187,6 +207,18 @@ def meta_for(net, layers=None):
         "conventions": CONVENTIONS,
     }
     return meta
+
+
+def _neuron_meta(net, activation):
+    """meta's neuron model: ``neurons`` ("rate" or "binary", ``net.neurons.kind``), binary:
+    ``rho_threshold`` and ``gamma_neur``, rate: both null."""
+    kind = net.neurons.kind
+    if kind not in ("rate", "binary") or (kind == "binary") != (activation == "heaviside"):
+        raise ExportError(f"{kind} neurons with the activation {activation!r} cannot be exported")
+    if kind == "rate":
+        return {"neurons": kind, "rho_threshold": None, "gamma_neur": None}
+    return {"neurons": kind, "rho_threshold": float(net.neurons.rho_threshold),
+            "gamma_neur": float(net.neurons.gamma_neur)}
 
 
 def _layer_meta(layer):

@@ -11,11 +11,13 @@ file and what is wrong with it, for anything an export never holds.  The checks,
   nothing wraps, and no array is allocated from a size the file does not hold);
 * ``format_version`` 1, then ``meta``: UTF-8 JSON nested at most ``MAX_META_DEPTH`` levels, no
   key twice, every key ``binary_ep.export.meta_for`` writes and no other, each of the type and
-  range it writes (``T`` and ``Kmax`` integers 1..``MAX_STEPS``, finite input scaling, ...);
+  range it writes (``T`` and ``Kmax`` integers 1..``MAX_STEPS``, finite input scaling, ...); the
+  neuron model's keys (``NEURON_KEYS``) all or none: a file written before them holds rate
+  neurons with one output per class;
 * the layers: the members of exactly ``meta["layer_names"]``, the shapes ``meta["layers"]``
   gives (their product against the length of the sign bits), finite alpha > 0 and finite
   biases, and the sizes from ``input_shape`` through every layer to the ``n_classes`` outputs
-  as ``meta["layers"]``, ``layersList`` and ``convList`` say.
+  as ``meta["layers"]``, ``layersList`` and ``convList`` say, ``expand_output`` outputs a class.
 """
 
 import json
@@ -30,7 +32,9 @@ import numpy as np
 
 FORMAT_VERSION = 1
 KINDS = ("fc", "conv")
-ACTIVATIONS = ("hardsigm", "sigm", "tanh")
+ACTIVATIONS = ("hardsigm", "sigm", "tanh", "heaviside")  # heaviside: binary neurons, and only they
+NEURONS = ("rate", "binary")
+NEURON_KEYS = ("neurons", "rho_threshold", "gamma_neur", "expand_output")
 # The most relaxation steps --T and --Kmax accept: binary_ep.vocabulary.MAX_STEPS (this module
 # imports nothing of the project; a test holds the two equal).
 MAX_STEPS = 1_000_000
@@ -55,22 +59,33 @@ class ExportError(ValueError):
 
 
 class Layer:
-    """One layer: ``name``, ``kind`` ("fc" or "conv"), ``weight`` float32 ``alpha * sign`` of
-    shape ``shape``, (out, in) or (out_channels, in_channels, kh, kw), ``alpha`` float32 (1,) or
-    (out_channels,), ``bias`` float32 (out,); convolutions also ``input``, ``conv``, ``pool``:
-    the (C, H, W) sizes of their input, of the convolution and of the max-pool.  (``weight`` may
-    be None, with ``shape`` given, until the whole file is checked.)"""
+    """One layer: ``name``, ``kind`` ("fc" or "conv"), ``signs`` int8 +1/-1 of shape ``shape``,
+    (out, in) or (out_channels, in_channels, kh, kw), ``weight`` float32 ``alpha * signs``,
+    ``alpha`` float32 (1,) or (out_channels,), ``bias`` float32 (out,); convolutions also
+    ``input``, ``conv``, ``pool``: the (C, H, W) sizes of their input, of the convolution and of
+    the max-pool.  ``set_bits`` builds ``signs`` and ``weight`` from the packed sign bits (None
+    until then: ``load_model`` calls it once the whole file is checked)."""
 
-    def __init__(self, name, kind, weight, alpha, bias, shape=None):
-        self.name, self.kind, self.weight, self.alpha, self.bias = name, kind, weight, alpha, bias
-        self.shape = tuple(weight.shape) if shape is None else tuple(shape)
+    def __init__(self, name, kind, alpha, bias, shape):
+        self.name, self.kind, self.alpha, self.bias = name, kind, alpha, bias
+        self.shape, self.signs, self.weight = tuple(shape), None, None
         self.input = self.conv = self.pool = None
+
+    def set_bits(self, bits):
+        """``signs`` and ``weight`` from ``bits`` (uint8 (ceil(N/8),), ``numpy.packbits`` order)."""
+        self.signs = unpack_signs(bits, self.shape, np.int8)
+        a = self.alpha.reshape((-1,) + (1,) * (len(self.shape) - 1)) if self.alpha.size > 1 else self.alpha[0]
+        self.weight = (self.signs * a).astype(np.float32)
+        return self
 
 
 class Model:
     """A loaded export: ``path``, ``meta`` (the JSON dict), ``layers`` (output first), ``fc`` and
     ``conv`` (the two parts, each output/top first), ``activation``, ``T``, ``padding``,
-    ``kernel_size``, ``pool_size``, ``input_shape`` (C, H, W)."""
+    ``kernel_size``, ``pool_size``, ``input_shape`` (C, H, W); the neuron model: ``neurons``
+    ("rate" or "binary"), ``rho_threshold`` and ``gamma_neur`` (binary; None for rate) and
+    ``expand_output`` E, the output units of each class (class c owns units cE ... cE + E - 1);
+    meta without the neuron keys (an older file) means rate neurons and E = 1."""
 
     def __init__(self, path, meta, layers):
         self.path, self.meta, self.layers = path, meta, layers
@@ -80,6 +95,8 @@ class Model:
         self.padding, self.kernel_size = meta.get("padding"), meta.get("kernel_size")
         self.pool_size = meta.get("pool_size")
         self.input_shape = tuple(int(v) for v in meta["input_shape"])
+        self.neurons, self.expand_output = meta.get("neurons", "rate"), int(meta.get("expand_output", 1))
+        self.rho_threshold, self.gamma_neur = meta.get("rho_threshold"), meta.get("gamma_neur")
 
 
 def _one_line(e):
@@ -99,10 +116,10 @@ def _fail(name, reason):
     raise ExportError(f"{name} is not a binary-EP export ({' '.join(reason.split())}); {_FIX}")
 
 
-def unpack_signs(bits, shape):
-    """Sign bits (``numpy.packbits`` order) -> +1/-1 float32 array of ``shape``."""
+def unpack_signs(bits, shape, dtype=np.float32):
+    """Sign bits (``numpy.packbits`` order) -> +1/-1 array of ``shape`` and ``dtype``."""
     on = np.unpackbits(bits, count=math.prod(shape), bitorder="big").reshape(shape)
-    return np.where(on == 1, np.float32(1), np.float32(-1))
+    return np.where(on == 1, dtype(1), dtype(-1))
 
 
 # -- the zip and its .npy members ----------------------------------------------------------------
@@ -270,7 +287,7 @@ def _meta_fields(meta):
     """key -> (test, what the exporter writes), for every key of meta; the tests run in order and
     may rely on the keys before theirs."""
     steps = f"an integer from 1 to {MAX_STEPS}"
-    conv = meta["archi"] == "conv"
+    conv, binary = meta["archi"] == "conv", meta.get("activation") == "heaviside"
 
     def geometry(low):
         return (_int(low), f"an integer >= {low}") if conv else (lambda v: v is None, "null for an fc network")
@@ -301,6 +318,20 @@ def _meta_fields(meta):
                     (lambda v: v is None, "null for an fc network"),
         "conventions": (lambda v: isinstance(v, dict) and all(isinstance(u, str) for u in v.values()),
                         "{name: sentence}"),
+        **(_neuron_fields(binary, meta.get("activation")) if set(NEURON_KEYS) & set(meta) or binary else {}),
+    }
+
+
+def _neuron_fields(binary, activation):
+    """``_meta_fields`` of the neuron model's keys: ``binary`` neurons (the activation heaviside)
+    with their threshold and filter constant, or rate neurons with neither; E outputs a class."""
+    def binary_only(test, what):
+        return (test, what) if binary else (lambda v: v is None, "null for rate neurons")
+    return {
+        "neurons": (lambda v: v == NEURONS[binary], f'"{NEURONS[binary]}" with the activation {activation}'),
+        "rho_threshold": binary_only(lambda v: _number(v) and 0 <= v <= 1, "a number from 0 to 1"),
+        "gamma_neur": binary_only(lambda v: _number(v) and 0 < v <= 1, "a number above 0, at most 1"),
+        "expand_output": (_int(1), "an integer >= 1"),
     }
 
 
@@ -332,7 +363,7 @@ def _check_meta(meta, name):
 # -- the layers --------------------------------------------------------------------------------
 def _layer(arrays, name, entry):
     """One layer from its four arrays, checked against ``entry``, its item of ``meta["layers"]``
-    (its ``weight`` None: ``_signed_weight`` builds it once the whole file is checked)."""
+    (its ``weight`` None: ``Layer.set_bits`` builds it once the whole file is checked)."""
     key = entry["name"] + "."
     shape = tuple(int(v) for v in _array(arrays, key + "shape", name).tolist())
     if list(shape) != entry["shape"]:
@@ -353,14 +384,7 @@ def _layer(arrays, name, entry):
     bad = bias[~np.isfinite(bias)]
     if bad.size:
         _fail(name, f"{key}bias holds {float(bad[0]):g}, an export's biases are finite")
-    return Layer(entry["name"], entry["kind"], None, alpha.astype(np.float32), bias.astype(np.float32), shape)
-
-
-def _signed_weight(bits, layer):
-    """``alpha * sign`` float32 of ``layer.shape``, from the layer's sign bits."""
-    alpha = layer.alpha
-    a = alpha.reshape((-1,) + (1,) * (len(layer.shape) - 1)) if alpha.size > 1 else alpha[0]
-    return (unpack_signs(bits, layer.shape) * a).astype(np.float32)
+    return Layer(entry["name"], entry["kind"], alpha.astype(np.float32), bias.astype(np.float32), shape)
 
 
 def _check_chain(model, name):
@@ -389,8 +413,9 @@ def _check_chain(model, name):
         if layer.shape[1] != n_in:
             _fail(name, f"{layer.name} reads {layer.shape[1]} values, {n_in} feed it")
         n_in = layer.shape[0]
-    if n_in != meta["n_classes"]:
-        _fail(name, f"{model.fc[0].name} has {n_in} outputs, meta n_classes says {meta['n_classes']}")
+    if n_in != meta["n_classes"] * model.expand_output:
+        _fail(name, f"{model.fc[0].name} has {n_in} outputs, meta n_classes says {meta['n_classes']} "
+                    f"classes of expand_output {model.expand_output} outputs each")
     sizes = [l.shape[0] for l in reversed(model.fc)]
     if model.conv:
         channels = [l.shape[0] for l in model.conv] + [model.conv[-1].shape[1]]
@@ -417,6 +442,6 @@ def load_model(path):
         _fail(name, f"its member {extra[0]}.npy is not part of an export of the layers {', '.join(names)}")
     model = Model(name, meta, [_layer(arrays, name, entry) for entry in meta["layers"]])
     _check_chain(model, name)
-    for layer in model.layers:  # all checked: at most 32 bytes of float32 per byte of sign bits
-        layer.weight = _signed_weight(arrays[layer.name + ".bits"], layer)
+    for layer in model.layers:  # all checked: at most 40 bytes of int8 and float32 per byte of bits
+        layer.set_bits(arrays[layer.name + ".bits"])
     return model

@@ -7,6 +7,7 @@ numbers are printed (``pytest -s``).
 """
 import argparse
 import contextlib
+import csv
 import errno
 import glob
 import json
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import main
-from binary_ep import datasets, files, numpy_reference as nr
+from binary_ep import activations, datasets, files, model_file as mf, numpy_reference as nr
 from binary_ep.export import export_arrays, pack_signs, write_export
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -306,6 +307,134 @@ def test_convolutions_match_pytorch(k, p, f, size):
     assert np.allclose(nr.unpool_conv_transpose2d(s, index, f, conv.shape[2:], w, p), expected, atol=1e-12)
 
 
+# -- binary neurons (DESIGN.md section 10) -----------------------------------------------------------
+def hand_model(layers, T=2, theta=0.75, gamma=0.5, E=1, n_inputs=2):
+    """An fc ``Model`` built in memory: ``layers`` [(signs (out, in) of +1/-1, alpha, bias)],
+    output first, each stored as its packed sign bits; binary neurons; input (1, 1, n_inputs)."""
+    meta = {"activation": "heaviside", "T": T, "input_shape": [1, 1, n_inputs], "neurons": "binary",
+            "rho_threshold": theta, "gamma_neur": gamma, "expand_output": E}
+    built = []
+    for k, (signs, alpha, bias) in enumerate(layers):
+        signs = np.array(signs)
+        layer = mf.Layer(f"fc{k}", "fc", np.array([alpha], np.float32), np.array(bias, np.float32), signs.shape)
+        built.append(layer.set_bits(pack_signs(signs)))
+        assert np.array_equal(layer.signs, signs) and np.array_equal(layer.weight, alpha * signs)
+    return mf.Model("hand", meta, built)
+
+
+def test_binary_step_hand_worked_example():
+    """Input 2 -> hidden 3 -> output 2, theta = 0.75 (so the mask |s - theta| <= 0.5 turns a
+    state under 0.25 off), gamma_neur = 0.5, every state 1 at the start.  Drive of the hidden
+    layer from x = (1, 0.5): 0.5 (x0 - x1, x0 + x1, -x0 + x1) + (0, 0.25, -0.5) = (0.25, 1, -0.75).
+    Step 1, every b = 1: output a = 0.25 (1 + 1 - 1, -1 + 1 + 1) + (0.125, 0.25) = (0.375, 0.5),
+    s = 0.5 + a / 2 = (0.6875, 0.75); hidden feedback 0.25 (1 - 1, 1 + 1, -1 + 1) = (0, 0.5, 0),
+    s = 0.5 + (0.25, 1.5, -0.75) / 2 = (0.625, 1.25 -> 1, 0.125).
+    Step 2: b_hidden = (0, 1, 0), b_out = (0, 1) (0.75 >= theta: H(0) = 1); hidden mask (1, 1, 0).
+    Output a = 0.25 (1, 1) + (0.125, 0.25), s = (0.6875 + 0.375, 0.75 + 0.5) / 2 = (0.53125, 0.625);
+    hidden a = (0.25, 1, -0.75) + 0.25 (-1, 1, 1) = (0, 1.25, -0.5), masked (0, 1.25, 0),
+    s = ((0.625, 1, 0.125) + (0, 1.25, 0)) / 2 = (0.3125, 1.125 -> 1, 0.0625)."""
+    model = hand_model([([[1, 1, -1], [-1, 1, 1]], 0.25, [0.125, 0.25]),
+                        ([[1, -1], [1, 1], [-1, 1]], 0.5, [0.0, 0.25, -0.5])])
+    x = np.array([[[[1.0, 0.5]]]])
+    expected = {1: [[0.6875, 0.75], [0.625, 1.0, 0.125]], 2: [[0.53125, 0.625], [0.3125, 1.0, 0.0625]]}
+    for dtype in (np.float64, np.float32):
+        for T, (out, hidden) in expected.items():
+            trace = {}
+            s = nr.relax(model, x, T, dtype, trace=trace)
+            assert s[0].dtype == dtype and s[0].tolist() == [out] and s[1].tolist() == [hidden], (T, s)
+            assert trace["near"].tolist() == [T - 1]  # the output's 0.75 = theta before step 2
+        assert nr.free_phase(model, x, dtype=dtype)[0].tolist() == [1]
+    # the counts are integers: number of +1 minus number of -1 over the active inputs
+    signs = np.array([[1, -1, -1, 1, 1], [-1, -1, -1, -1, 1]], np.float64)
+    sent = np.array([[1, 1, 0, 1, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]])
+    counts = nr.counts(signs, sent)
+    assert counts.dtype == np.int64 and counts.tolist() == [[1, -3], [0, 0], [1, -3]]
+
+
+def test_population_readout_is_the_class_mean():
+    """E = 2 output units a class: the prediction is the class of the largest mean, here class 1
+    (means 0.45, 0.55), where the first unit of each class alone (0.9, 0.5) would say class 0."""
+    out = np.array([[0.9, 0.0, 0.5, 0.6], [0.2, 0.4, 0.3, 0.3]])
+    assert np.allclose(nr.class_scores(out, 2), [[0.45, 0.55], [0.3, 0.3]])
+    assert nr.class_scores(out, 1).tolist() == out.tolist()
+    model = hand_model([([[1, 1], [-1, -1], [1, -1], [1, 1]], 0.25, [0.5, -1.0, 0.25, 0.5])], T=1, E=2)
+    # one layer reading x = (0.5, 0.25): a = 0.25 (0.75, -0.75, 0.25, 0.75) + bias, s = (1 + a) / 2:
+    # class means 0.421875 and 0.75, first units 0.84375 and 0.65625
+    pred, states = nr.free_phase(model, np.array([[[[0.5, 0.25]]]]))
+    assert states.tolist() == [[0.84375, 0.0, 0.65625, 0.84375]] and pred.tolist() == [1]
+
+
+BINARY_NETS = {  # untrained digits networks with binary neurons, {out} = 10 E output units
+    "fc": "--archi fc --layersList 64 32 16 {out} --gamma 1e-3 1e-3 1e-3 --gradThreshold 1e-5 1e-5 1e-5 "
+          "--lrBias 0.1 0.1 0.1",
+    "conv": "--archi conv --layersList 12 {out} --convList 6 4 1 --kernelSize 3 --padding 1 --gamma 1e-3 1e-3 "
+            "1e-3 1e-3 --gradThreshold 1e-5 1e-5 1e-5 1e-5 --lrBias 0.1 0.1 0.1 0.1"}
+
+
+@pytest.mark.parametrize("archi,E,theta,gamma", [("fc", 1, 0.5, 0.5), ("fc", 2, 0.3, 0.25),
+                                                 ("conv", 1, 0.45, 0.5), ("conv", 2, 0.5, 0.25)])
+def test_binary_neurons_match_pytorch(archi, E, theta, gamma, tmp_path, one_thread):
+    """Built through main's path (``--binary_settings bin_W_N --activationFun heaviside``),
+    exported and relaxed 20 steps in float32 by both on the 360 digits test samples.  A random
+    network: the input layer's alpha times 4 (so that the input, not the biases, sets most
+    states) and biases drawn in +-0.05 (with the conv network's zero biases a count of 0 puts a
+    state exactly on theta in every sample: exactly in both, no rounding, but the trace cannot
+    tell it from a state that rounding put there).  theta = 0.3 and 0.45 put an edge of the mask
+    inside (0, 1).  A sample where no state came within 1e-6 of theta (or of theta +- 0.5 inside
+    (0, 1)) during the relaxation agrees within 1e-6 and predicts the same."""
+    line = BINARY_NETS[archi].format(out=10 * E)
+    args = main.parse(f"--device -1 --dataset digits --T 20 --seed 1 --binary_settings bin_W_N "
+                      f"--activationFun heaviside --expand_output {E} --rho_threshold {theta} "
+                      f"--gamma_neur {gamma} {line}".split())[1]
+    torch.manual_seed(E)
+    net = main.build_network(args)
+    with torch.no_grad():
+        net.binary_weights()[-1].mul_(4)
+        for b in net.biases():
+            b.uniform_(-0.05, 0.05)
+    write_export(net, tmp_path / "m.npz")
+    model = nr.load_model(tmp_path / "m.npz")
+    assert (model.neurons, model.rho_threshold, model.gamma_neur, model.expand_output) == ("binary", theta, gamma, E)
+    assert model.meta["n_classes"] == 10 and model.activation == "heaviside"
+    x = digits_test_set()
+    with torch.no_grad():
+        states = torch_states(net, x, args.T)
+        scores = activations.class_scores(net.output(states), E).numpy()
+    theirs = [v.numpy().T if archi == "fc" else v.numpy() for v in states]
+    trace = {"tol": 1e-6}
+    mine = nr.relax(model, x.numpy(), args.T, np.float32, trace=trace)
+    near, diff = trace["near"] > 0, per_sample_diff(mine, theirs)
+    pred = nr.class_scores(mine[0], E).argmax(1)
+    agree, outputs = pred == scores.argmax(1), len(np.unique(mine[0], axis=0))
+    print(f"\n{archi} E={E} theta={theta} gamma={gamma}: samples with a state within 1e-6 of an edge: "
+          f"{near.sum()} of {len(x)}; max |numpy - torch float32| elsewhere {diff[~near].max(initial=0):.3g}, "
+          f"there {diff[near].max(initial=0):.3g}; predictions that differ: {(~agree).sum()}; "
+          f"{outputs} distinct outputs, {len(set(pred.tolist()))} classes predicted")
+    assert near.sum() <= 0.1 * len(x)
+    assert diff[~near].max(initial=0) <= 1e-6
+    assert agree[~near].all() and np.array_equal(nr.free_phase(model, x[:40].numpy(), dtype=np.float32)[0], pred[:40])
+    assert outputs >= 20  # (a network that relaxed every sample to the same states would compare little)
+
+
+def test_rate_neurons_with_an_output_population(tmp_path, one_thread):
+    """Rate neurons (bin_W) with --expand_output 3: the file says rate and E = 3, the states
+    agree with PyTorch's in float64 and the prediction is the class of the largest mean."""
+    args = main.parse(("--device -1 --dataset digits --T 12 --seed 1 --expand_output 3 "
+                       + BINARY_NETS["fc"].format(out=30)).split())[1]
+    torch.manual_seed(3)
+    net = main.build_network(args)
+    write_export(net, tmp_path / "m.npz")
+    model = nr.load_model(tmp_path / "m.npz")
+    assert (model.neurons, model.rho_threshold, model.gamma_neur, model.expand_output) == ("rate", None, None, 3)
+    x = digits_test_set()[:64].double()
+    states = torch_states(net.double(), x, args.T)
+    theirs = activations.class_scores(net.output(states), 3).numpy()
+    pred, out = nr.free_phase(model, x.numpy())
+    assert out.shape == (64, 30) and np.abs(out - net.output(states).numpy()).max() <= 1e-9
+    assert np.abs(nr.class_scores(out, 3) - theirs).max() <= 1e-9 and np.array_equal(pred, theirs.argmax(1))
+    assert not np.array_equal(pred, out[:, ::3].argmax(1))  # (the first unit of each class alone differs)
+
+
 # -- sizes ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("line,largest", [(FC_1H, 1 / 30), (CONV_MNIST, 1 / 16)], ids=["fc-1h", "conv-mnist"])
 def test_one_bit_file_size(line, largest, tmp_path):
@@ -480,6 +609,37 @@ def test_the_export_command_writes_the_file_under_the_run_folder_lock(tmp_path, 
     assert r.returncode == 5 and r.stderr.strip() == (
         f"main.py: error: {run} is in use by process {os.getpid()} (a run, --resume, --check or --export); "
         f"wait for it to end or stop it, then try again")
+
+
+BINARY_RUN = ("--device -1 --archi fc --dataset digits --layersList 64 16 20 --T 8 --Kmax 4 --beta 0.5 "
+              "--gamma 1e-3 1e-3 --gradThreshold 3e-5 3e-5 --lrBias 0.05 0.1 --batchSize 32 --test_batchSize 360 "
+              "--epochs 1 --seed 0 --trainSubset 64 --binary_settings bin_W_N --activationFun heaviside "
+              "--expand_output 2 --rho_threshold 0.4 --gamma_neur 0.3")
+
+
+def test_the_export_of_a_binary_neuron_run_records_its_neuron_model(tmp_path, capsys):
+    """``python main.py --resume S-<n> --export`` of a bin_W_N run (in process): the file says
+    binary neurons with the run's rho_threshold, gamma_neur and expand_output, and the NumPy
+    model relaxes it as PyTorch does (PyTorch's test_bin: the run's results.csv)."""
+    with single_thread():
+        assert main.main(BINARY_RUN.split() + ["--outDir", str(tmp_path)]) == 0
+    (run,) = tmp_path.glob("DATA-0-fc-digits/*/S-1")
+    assert main.main(["--resume", str(run), "--export"]) == 0
+    capsys.readouterr()
+    with np.load(run / "binary_model.npz", allow_pickle=False) as z:
+        meta = json.loads(z["meta"].tobytes())
+    assert {k: meta[k] for k in ("neurons", "rho_threshold", "gamma_neur", "expand_output", "n_classes",
+                                 "activation")} == {"neurons": "binary", "rho_threshold": 0.4, "gamma_neur": 0.3,
+                                                    "expand_output": 2, "n_classes": 10, "activation": "heaviside"}
+    model, trace = nr.load_model(run / "binary_model.npz"), {"tol": 1e-6}
+    x, labels = datasets.load_digits_split()[1]
+    out = nr.relax(model, x.numpy(), dtype=np.float32, trace=trace)[0]
+    wrong = int((nr.class_scores(out, 2).argmax(1) != labels.numpy()).sum())
+    with open(run / "results.csv") as f:
+        logged = float(next(csv.DictReader(f))["test_error"]) * 360 / 100  # misclassified samples
+    near = int((trace["near"] > 0).sum())
+    print(f"\nbin_W_N fc run: {wrong} of 360 wrong, results.csv: {logged:.6g}; samples near an edge: {near}")
+    assert out.shape == (360, 20) and abs(wrong - logged) <= near + 1e-6
 
 
 def test_export_without_a_checkpoint_or_a_run_is_one_line(tmp_path, capsys):

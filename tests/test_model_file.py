@@ -265,3 +265,96 @@ def test_every_mutant_loads_as_a_model_or_fails_with_one_line(export, tmp_path):
         changed += members(data) != original
     print(f"\n{loaded + failed} mutants: {loaded} load, {changed} of them with other member bytes; {failed} fail")
     assert loaded + failed >= 600 and failed >= 400 and changed >= 50
+
+
+# -- the neuron model's keys (binary neurons, output populations) -----------------------------------
+NEURON_KEYS = ("neurons", "rho_threshold", "gamma_neur", "expand_output")
+
+
+def as_binary(meta):
+    """An edit of the meta dict: the network's neurons binary (the activation heaviside)."""
+    meta.update(activation="heaviside", neurons="binary", rho_threshold=0.5, gamma_neur=0.5)
+
+
+def without(*keys):
+    return lambda meta: [meta.pop(k) for k in keys]
+
+
+def edits(*steps):
+    return lambda meta: [step(meta) for step in steps]
+
+
+BAD_NEURONS = {  # an edit of the rate export's meta -> words of the one line
+    "gamma_neur 0": (edits(as_binary, set_key("gamma_neur", 0)),
+                     "meta gamma_neur is 0, an export writes a number above 0, at most 1"),
+    "gamma_neur 1.5": (edits(as_binary, set_key("gamma_neur", 1.5)),
+                       "meta gamma_neur is 1.5, an export writes a number above 0, at most 1"),
+    "gamma_neur text": (edits(as_binary, set_key("gamma_neur", "0.5")),
+                        "meta gamma_neur is '0.5', an export writes a number above 0, at most 1"),
+    "rho_threshold 1.5": (edits(as_binary, set_key("rho_threshold", 1.5)),
+                          "meta rho_threshold is 1.5, an export writes a number from 0 to 1"),
+    "rho_threshold NaN": (edits(as_binary, set_key("rho_threshold", float("nan"))),
+                          "meta rho_threshold is nan, an export writes a number from 0 to 1"),
+    "rho_threshold -0.1": (edits(as_binary, set_key("rho_threshold", -0.1)),
+                           "meta rho_threshold is -0.1, an export writes a number from 0 to 1"),
+    "rate with a threshold": (set_key("rho_threshold", 0.5),
+                              "meta rho_threshold is 0.5, an export writes null for rate neurons"),
+    "rate with gamma_neur": (set_key("gamma_neur", 0.5),
+                             "meta gamma_neur is 0.5, an export writes null for rate neurons"),
+    "expand_output 0": (set_key("expand_output", 0), "meta expand_output is 0, an export writes an integer >= 1"),
+    "expand_output true": (set_key("expand_output", True),
+                           "meta expand_output is True, an export writes an integer >= 1"),
+    "expand_output 2.0": (set_key("expand_output", 2.0),
+                          "meta expand_output is 2.0, an export writes an integer >= 1"),
+    "expand_output 2": (set_key("expand_output", 2),
+                        "fc0 has 10 outputs, meta n_classes says 10 classes of expand_output 2 outputs each"),
+    "binary neurons, hardsigm": (set_key("neurons", "binary"),
+                                 "meta neurons is 'binary', an export writes \"rate\" with the activation hardsigm"),
+    "heaviside, rate neurons": (edits(as_binary, set_key("neurons", "rate")),
+                                "meta neurons is 'rate', an export writes \"binary\" with the activation heaviside"),
+    "spiking neurons": (set_key("neurons", "spiking"),
+                        "meta neurons is 'spiking', an export writes \"rate\" with the activation hardsigm"),
+    "some neuron keys": (without("gamma_neur"), "meta lacks gamma_neur"),
+    "heaviside, no neuron keys": (edits(without(*NEURON_KEYS), set_key("activation", "heaviside")),
+                                  "meta lacks neurons, rho_threshold, gamma_neur, expand_output"),
+}
+
+
+@pytest.mark.parametrize("how", list(BAD_NEURONS))
+def test_a_bad_neuron_model_is_one_line(how, export, tmp_path, capsys):
+    edit, words = BAD_NEURONS[how]
+    path = tmp_path / "binary_model.npz"
+    path.write_bytes(with_meta(export, edit))
+    with pytest.raises(mf.ExportError) as e:
+        mf.load_model(path)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(f"{path} is not a binary-EP export (")
+    assert words in message, message
+    assert nr.main([str(path)]) == 2 and capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_the_neuron_model_is_in_the_file(export, tmp_path, capsys):
+    """The export writes the neuron keys (rate: the constants null, one output a class); the same
+    file edited to binary neurons loads with their constants; a file written before the keys
+    existed (none of them) loads as rate neurons with one output a class and relaxes the same."""
+    meta = meta_of(export)
+    assert {k: meta[k] for k in NEURON_KEYS} == {"neurons": "rate", "rho_threshold": None, "gamma_neur": None,
+                                                "expand_output": 1}
+    path, x = tmp_path / "binary_model.npz", np.random.RandomState(0).rand(3, 1, 8, 8)
+    path.write_bytes(export)
+    model = mf.load_model(path)
+    assert (model.neurons, model.rho_threshold, model.gamma_neur, model.expand_output) == ("rate", None, None, 1)
+    pred, out = nr.free_phase(model, x)
+    path.write_bytes(with_meta(export, without(*NEURON_KEYS)))
+    old = mf.load_model(path)
+    assert (old.neurons, old.rho_threshold, old.gamma_neur, old.expand_output) == ("rate", None, None, 1)
+    old_pred, old_out = nr.free_phase(old, x)
+    assert np.array_equal(old_out, out) and np.array_equal(old_pred, pred)
+    path.write_bytes(with_meta(export, edits(as_binary, set_key("rho_threshold", 0.25), set_key("gamma_neur", 1))))
+    binary = mf.load_model(path)
+    assert (binary.neurons, binary.rho_threshold, binary.gamma_neur, binary.expand_output) == ("binary", 0.25, 1, 1)
+    assert binary.activation == "heaviside"
+    assert np.array_equal(binary.layers[1].signs, np.sign(binary.layers[1].weight))
+    assert binary.layers[1].signs.dtype == np.int8
+    assert nr.main([str(path)]) == 0
+    assert "binary neurons (rho_threshold 0.25, gamma_neur 1)" in capsys.readouterr().out
