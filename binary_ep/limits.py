@@ -12,6 +12,8 @@ and the value.  The ranges:
   from the sizes before it is built (``binary_ep.memory``).
 * ``--kernelSize``, ``--Fpool``: 1 .. S and ``--padding`` 0 .. S, S the largest side of the data
   set's images (8 digits, 28 MNIST, 32 CIFAR-10): more is never a sensible convolution.
+* ``--expand_output``: 1 .. ``MAX_EXPAND`` = (2^31 - 1) // 10 = 214748364 output neurons per
+  class, so that the output layer's 10 x E units stay a 32-bit count.
 * ``--workers``: 0 .. ``MAX_WORKERS``; ``--device``: -1 (the CPU) .. ``MAX_DEVICE`` (torch keeps
   a device index in 8 bits).
 * ``--seed``: 0 .. 2^32 - 1: torch's CPU generator keeps only the low 32 bits of a seed, so wider
@@ -24,14 +26,18 @@ and the value.  The ranges:
   decayLrAlpha`` a finite float32.  ``--beta`` (either sign) also keeps the EP step's factor
   ``1 / (beta B)`` (``1 / (2 beta B)`` with ``--nudging symmetric``) a normal float32 for every
   mini-batch size B from 1 to ``--batchSize`` (a data-parallel run's global batch is at most it).
+* binary neurons (``--binary_settings bin_W_N``; ``bin_W`` runs do not carry these): ``--gamma_neur``
+  in (0, 1] (normal in float32, as ``--gamma``); ``--rho_threshold`` in [0, 1] (states live in
+  [0, 1]), any float32 there, 0 and subnormals included: it is only compared with the states.
 """
 
 import math
 import struct
 
-from binary_ep.vocabulary import INPUT_SHAPE, MAX_STEPS, UserError
+from binary_ep.vocabulary import INPUT_SHAPE, MAX_STEPS, N_CLASSES, UserError
 
 MAX_COUNT = 2 ** 31 - 1
+MAX_EXPAND = MAX_COUNT // N_CLASSES
 MAX_UNITS = 2 ** 32 - 1
 MAX_WORKERS = 256
 MAX_DEVICE = 127
@@ -68,6 +74,7 @@ def int_ranges(args):
     steps, count = (1, MAX_STEPS, ""), (1, MAX_COUNT, "")
     return {"T": steps, "Kmax": steps, "batchSize": count, "test_batchSize": count, "epochs": count,
             "epochDecayLrAlpha": count, "trainSubset": count, "testSubset": count,
+            "expand_output": (1, MAX_EXPAND, f" (the output layer has {N_CLASSES} x this many units)"),
             "layersList": (1, MAX_UNITS, ""), "convList": (1, MAX_UNITS, ""),
             "kernelSize": (1, side, image), "Fpool": (1, side, image), "padding": (0, side, image),
             "workers": (0, MAX_WORKERS, ""), "device": (-1, MAX_DEVICE, " (-1: the CPU)"),
@@ -127,7 +134,8 @@ def check_arguments(args, names=None):
     """Range-check the numeric flags ``names`` of ``args`` (default: all of them); the first one
     out of range raises ``UserError``."""
     ints = int_ranges(args)
-    chosen = set(ints) | set(FLOAT_LISTS) | {"beta", "decayLrAlpha"} if names is None else set(names)
+    scalars = {"beta", "decayLrAlpha", "gamma_neur", "rho_threshold"}
+    chosen = set(ints) | set(FLOAT_LISTS) | scalars if names is None else set(names)
     for name, (low, high, note) in ints.items():
         value = getattr(args, name, None) if name in chosen else None
         for v in (value if name in SIZE_LISTS and value is not None else [value]):
@@ -145,6 +153,12 @@ def check_arguments(args, names=None):
                                 f"{v / args.decayLrAlpha:.3g}")
     if "beta" in chosen:
         check_beta(args)
+    if "gamma_neur" in chosen and getattr(args, "gamma_neur", None) is not None:
+        _check_float("gamma_neur", args.gamma_neur, False, 1.0)
+    rho = getattr(args, "rho_threshold", None) if "rho_threshold" in chosen else None
+    if rho is not None and not 0 <= rho <= 1:  # (NaN fails too)
+        raise UserError(f"--rho_threshold must be a finite number in [0, 1] (the neurons' states lie "
+                        f"in [0, 1]), got {rho}")
 
 
 def derived_seeds(seed):

@@ -1,8 +1,8 @@
 """The command-line vocabulary, importable without torch (so that ``--help`` and most bad
 invocations answer at once): the data sets, activations, image sizes and sample counts, the
 convolution geometry of DESIGN.md section 5 (``conv_geometry``), ``UserError`` (the one-line error
-a user can fix), the argparse ``Parser`` with one-line errors and the seed's ``-- layersList``
-spelling."""
+a user can fix), the argparse ``Parser`` with one-line errors, the seed's ``-- layersList``
+spelling and numbers glued to the next flag (``fix_seed_spelling``)."""
 
 import argparse
 import re
@@ -92,16 +92,31 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see python main.py --help)\n")
 
+    def note(self, message):
+        """One line on stderr, ``main.py: note: <message>``, for input read other than as typed."""
+        self._print_message(f"{self.prog}: note: {message}\n")
+
+
+# a number glued to the flag after it, as in the paper's line "--classi_threshold 8e-8--conv_threshold"
+GLUED = re.compile(r"^([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)(--[A-Za-z_]\w*)$")
+
 
 def fix_seed_spelling(argv, parser):
-    """Accept the seed's ``-- layersList`` (a space after ``--``) as ``--layersList``."""
+    """Accept the seed's ``-- layersList`` (a space after ``--``) as ``--layersList``, and a
+    number glued to the flag after it (``8e-8--conv_threshold``, a known option string) as the
+    two arguments it was meant to be, saying so in one line on stderr."""
     names = {a.dest for a in parser._actions}
     out, i = [], 0
     while i < len(argv):
+        glued = GLUED.match(argv[i])
         if argv[i] == "--" and i + 1 < len(argv) and argv[i + 1] in names:
             out.append("--" + argv[i + 1])
-            i += 2
+            i += 1
+        elif glued and glued.group(2) in parser._option_string_actions:
+            out += glued.groups()
+            parser.note(f"read {argv[i]!r} as the two arguments {glued.group(1)!r} {glued.group(2)!r} "
+                        f"(a space was missing)")
         else:
             out.append(argv[i])
-            i += 1
+        i += 1
     return out

@@ -24,6 +24,8 @@ CONV = ("--device -1 --archi conv --dataset digits --layersList 12 10 --convList
         "--gradThreshold 1e-6 1e-6 1e-6 1e-6 --lrBias 0.05 0.1 0.1 0.1 --batchSize 24 "
         "--test_batchSize 40 --seed 0").split()
 
+BIN_W_N = ["--binary_settings", "bin_W_N", "--activationFun", "heaviside"]
+
 
 def refused(argv, capsys):
     """The one line ``main.parse(argv)`` exits with (exit code 2)."""
@@ -80,6 +82,19 @@ BOUNDS = [
     (["--beta", "2.7e36"], ["--beta", "1/(beta B)", "--batchSize 32", "2.66e+36"], ["--beta", "2.6e36"]),
     (["--beta", "1.4e36", "--nudging", "symmetric"], ["--beta", "1/(2 beta B)", "1.33e+36"],
      ["--beta", "1.3e36", "--nudging", "symmetric"]),
+    # issue 18: output neurons per class (the output layer has 10 x that many), binary neurons
+    (["--expand_output", "214748365"], ["--expand_output", "1..214748364", "got 214748365"],
+     ["--expand_output", "214748364", "--layersList", "64", "16", "2147483640"]),
+    (["--expand_output", "0"], ["--expand_output", "1..214748364", "got 0"], ["--expand_output", "1"]),
+    (BIN_W_N + ["--gamma_neur", "0"], ["--gamma_neur", "(0, 1]", "got 0"], BIN_W_N + ["--gamma_neur", "1"]),
+    (BIN_W_N + ["--gamma_neur", "1.0000001"], ["--gamma_neur", "(0, 1]"], BIN_W_N + ["--gamma_neur", "1"]),
+    (BIN_W_N + ["--gamma_neur", "1e-40"], ["--gamma_neur", "got 1e-40", "subnormal"],
+     BIN_W_N + ["--gamma_neur", "1.2e-38"]),
+    (BIN_W_N + ["--rho_threshold", "1.0000001"], ["--rho_threshold", "[0, 1]", "got 1.0000001"],
+     BIN_W_N + ["--rho_threshold", "1"]),
+    (BIN_W_N + ["--rho_threshold", "-1e-45"], ["--rho_threshold", "[0, 1]"], BIN_W_N + ["--rho_threshold", "0"]),
+    (BIN_W_N + ["--rho_threshold", "inf"], ["--rho_threshold", "finite", "got inf"],
+     BIN_W_N + ["--rho_threshold", "1e-45"]),
 ]
 
 

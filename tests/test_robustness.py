@@ -620,6 +620,7 @@ MNIST_FC = ["--dataset", "mnist", "--layersList", "784", "16", "10"]
 def bad_invocations(tmp_path):
     """(name, argv, expected message fragments, folders that must stay byte for byte the same)."""
     base = QUICK
+    bin_w_n = ["--binary_settings", "bin_W_N", "--activationFun", "heaviside"]
     a_file = tmp_path / "a_file.txt"
     a_file.write_text("not a folder\n")
     cases = [
@@ -692,6 +693,27 @@ def bad_invocations(tmp_path):
         ("workers_too_many", ["--workers", "100000"], ["--workers", "0..256"]),
         ("device_below_cpu", ["--device", "-2"], ["--device", "-1..127"]),
         ("device_too_big", ["--device", "1000"], ["--device", "-1..127"]),
+        # issue 18: binary neurons (--binary_settings bin_W_N) and output populations
+        ("bin_W_N_bptt", bin_w_n + ["--optim", "bptt"], ["--optim bptt", "bin_W_N", "no gradient", "--optim ep"]),
+        ("bin_W_N_gdu", bin_w_n + ["--check", "gdu"], ["--check gdu", "bin_W_N", "no gradient"]),
+        ("bin_W_N_default_activation", ["--binary_settings", "bin_W_N"],
+         ["--binary_settings bin_W_N", "--activationFun heaviside", "got hardsigm (the default)"]),
+        ("bin_W_N_tanh", bin_w_n + ["--activationFun", "tanh"], ["--binary_settings bin_W_N", "got tanh"]),
+        ("heaviside_bin_W", ["--activationFun", "heaviside"],
+         ["--activationFun heaviside", "--binary_settings bin_W_N", "bin_W (the default)"]),
+        ("gamma_neur_bin_W", ["--gamma_neur", "0.5"], ["--gamma_neur", "ignored", "--binary_settings bin_W"]),
+        ("rho_threshold_bin_W", ["--binary_settings", "bin_W", "--rho_threshold", "0.3"],
+         ["--rho_threshold", "ignored", "--binary_settings bin_W"]),
+        ("expand_output_layers", bin_w_n + ["--expand_output", "2"],
+         ["--layersList must end with 20 output units", "--expand_output 2", "got 10"]),
+        ("expand_output_not_a_multiple", ["--layersList", "64", "16", "25", "--expand_output", "2"],
+         ["--layersList must end with 20 output units", "got 25", "end it with 20"]),
+        ("expand_output_zero", ["--expand_output", "0"], ["--expand_output", "1..214748364", "got 0"]),
+        ("expand_output_too_big", ["--expand_output", "214748365"], ["--expand_output", "1..214748364"]),
+        ("gamma_neur_zero", bin_w_n + ["--gamma_neur", "0"], ["--gamma_neur", "(0, 1]", "got 0"]),
+        ("gamma_neur_above_one", bin_w_n + ["--gamma_neur", "1.5"], ["--gamma_neur", "(0, 1]"]),
+        ("rho_threshold_nan", bin_w_n + ["--rho_threshold", "nan"], ["--rho_threshold", "[0, 1]", "got nan"]),
+        ("rho_threshold_negative", bin_w_n + ["--rho_threshold", "-0.1"], ["--rho_threshold", "[0, 1]"]),
     ]
     if os.geteuid() != 0:  # root may write and read anywhere
         locked = tmp_path / "locked"
@@ -759,6 +781,7 @@ def bad_invocations(tmp_path):
          [good]),
         ("resume_workers_negative", ["--resume", good, "--workers", "-1"], ["--workers", "0..256"], [good]),
         ("resume_device_below_cpu", ["--resume", good, "--device", "-5"], ["--device", "-1..127"], [good]),
+        ("resume_gamma_neur_bin_W", ["--resume", good, "--gamma_neur", "0.3"], ["--gamma_neur", "ignored"], [good]),
     ]
     return full
 
