@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from binary_ep import signals
 from binary_ep.datasets import share_bounds
+from binary_ep.device import cuda_problem, prepare
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # A collective waits this long for a live peer: longer than any work rank 0 does alone (a
@@ -54,10 +55,11 @@ def select_device(error, index, local_rank=None, warn=True):
     an index beyond the node's GPUs (it exits)."""
     if index < 0:
         return torch.device("cpu")
-    if not torch.cuda.is_available():
+    problem = cuda_problem(index if local_rank is None else local_rank)
+    if problem is not None:
         if warn:
             print(f"warning: --device {index} asked for a GPU but CUDA is not available; running on "
-                  f"the CPU", file=sys.stderr)
+                  f"the CPU: {problem}", file=sys.stderr)
         return torch.device("cpu")
     count = torch.cuda.device_count()
 
@@ -364,7 +366,7 @@ def start(parser, args):
         _CURRENT = Replicas(torch.device("cpu"))
         return _CURRENT
     if env is None or args.check == "gdu":
-        _CURRENT = Replicas(select_device(parser.error, args.device, local))
+        _CURRENT = Replicas(prepare(select_device(parser.error, args.device, local), getattr(args, "tf32", 0)))
         return _CURRENT
     if world > args.batchSize:
         parser.error(f"{world} ranks cannot share mini-batches of --batchSize {args.batchSize}: start "
@@ -372,8 +374,7 @@ def start(parser, args):
     # every line reaches stderr in one write, so that the ranks' lines never interleave in a shared log
     sys.stderr.reconfigure(line_buffering=True, write_through=False)
     device = select_device(parser.error, args.device, local, warn=rank == 0)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    prepare(device, getattr(args, "tf32", 0))  # (a Namespace made by hand has no --tf32: float32)
     # Imported later (the first torch.optim optimizer imports torch._dynamo, which imports it),
     # torch.distributed.nn would capture the process group in its functions' default arguments
     # (group=group.WORLD): destroy_process_group could not end it, and its gloo threads would
