@@ -28,6 +28,7 @@ ORDER = "output layer first"
 
 
 def build_parser():
+    from binary_ep.limits import MAX_EXPAND
     from binary_ep.vocabulary import ACTIVATIONS, BINARY_SETTINGS, DATASETS, Parser
     p = Parser(
         prog="main.py", description="Binary-weight Equilibrium Propagation (fc or conv networks). "
@@ -101,11 +102,11 @@ def build_parser():
                    "weights, full-precision neurons; bin_W_N: binary weights and binary neurons "
                    "(with --activationFun heaviside) (default bin_W)")
     a.add_argument("--rho_threshold", type=float, default=0.5, help="bin_W_N: a neuron sends 1 where "
-                   "its state is >= this (default 0.5)")
+                   "its state is >= this, in [0, 1] (default 0.5)")
     a.add_argument("--gamma_neur", type=float, default=0.5, help="bin_W_N: the filter constant of "
                    "the neurons' states, in (0, 1] (default 0.5)")
-    a.add_argument("--expand_output", type=int, default=1, help="output neurons per class: the "
-                   "output layer has 10 times this many (default 1)")
+    a.add_argument("--expand_output", type=int, default=1, help=f"output neurons per class, "
+                   f"1..{MAX_EXPAND}: the output layer has 10 times this many (default 1)")
     return p
 
 
@@ -180,15 +181,42 @@ def normalise(parser, args, given):
             setattr(args, name, N_SAMPLES[args.dataset][k])
 
 
+def check_neurons(parser, args, given):
+    """The neuron flags that go together (DESIGN.md section 10), ``given`` being the flags typed;
+    a ``bin_W`` run then drops ``rho_threshold`` and ``gamma_neur`` (binary neurons' alone)."""
+    binary, act = args.binary_settings == "bin_W_N", args.activationFun
+    default = {f: "" if f in given else " (the default)" for f in ("binary_settings", "activationFun")}
+    if binary and act != "heaviside":
+        parser.error(f"--binary_settings bin_W_N (binary neurons) needs --activationFun heaviside, "
+                     f"got {act}{default['activationFun']}; add --activationFun heaviside")
+    if act == "heaviside" and not binary:
+        parser.error(f"--activationFun heaviside is the binary neurons' activation: it needs "
+                     f"--binary_settings bin_W_N, got {args.binary_settings}{default['binary_settings']}; "
+                     f"add --binary_settings bin_W_N, or choose hardsigm, sigm or tanh")
+    for flag, value, fix in (("optim", "bptt", "use --optim ep"), ("check", "gdu", "leave --check out")):
+        if binary and getattr(args, flag) == value:
+            parser.error(f"--{flag} {value} differentiates through the neurons, and binary neurons "
+                         f"(--binary_settings bin_W_N) send H(s - rho_threshold), through which no "
+                         f"gradient flows; {fix}")
+    for name in ("gamma_neur", "rho_threshold"):
+        if not binary and name in given:
+            parser.error(f"--{name} is a setting of binary neurons and would be ignored with "
+                         f"--binary_settings {args.binary_settings}{default['binary_settings']}; "
+                         f"leave it out, or add --binary_settings bin_W_N --activationFun heaviside")
+        if not binary and hasattr(args, name):
+            delattr(args, name)
+
+
 def validate(parser, args):
     """Every value check; runs before anything is created on disk (the range of every numeric
     flag: ``binary_ep.limits``)."""
     from binary_ep.vocabulary import INPUT_SHAPE, N_CLASSES, UserError, conv_geometry
     checked(parser, args)
-    if args.layersList[-1] != N_CLASSES * args.expand_output:
-        parser.error(f"--layersList must end with {N_CLASSES * args.expand_output} output units "
-                     f"({N_CLASSES} classes x --expand_output {args.expand_output}), got "
-                     f"{args.layersList[-1]}")
+    last, units = args.layersList[-1], N_CLASSES * args.expand_output
+    if last != units:
+        other = f", or give --expand_output {last // N_CLASSES}" if last % N_CLASSES == 0 else ""
+        parser.error(f"--layersList must end with {units} output units ({N_CLASSES} classes x "
+                     f"--expand_output {args.expand_output}), got {last}: end it with {units}{other}")
     shape = INPUT_SHAPE[args.dataset]
     if args.archi == "fc" and args.layersList[0] != shape[0] * shape[1] * shape[2]:
         parser.error(f"--layersList must start with {shape[0] * shape[1] * shape[2]} inputs for "
@@ -242,9 +270,11 @@ def parse(argv):
     if args.resume:
         from binary_ep.resume import resumed_args
         args = resumed_args(parser, args, given, RESUME_FREE, normalise)
+        check_neurons(parser, args, given)  # (--check may change)
         checked(parser, args, ("epochs", "workers", "device"))  # the numbers that may change
         return parser, args, argv
     normalise(parser, args, given)
+    check_neurons(parser, args, given)
     validate(parser, args)
     args.given = given
     if args.seed is None:
