@@ -432,6 +432,8 @@ def test_the_device_of_each_rank_on_a_node_with_two_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"GPU-{i}")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (9, 0))  # a GPU its build runs on
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_90"])
 
     def error(message):
         raise ValueError(message)
