@@ -65,7 +65,9 @@ def test_two_epoch_run_writes_every_file_and_column(tmp_path):
     values = dict(line.split(": ", 1) for line in effective)
     assert values["gamma"] == "0.01 0.01" and values["layersList"] == "64 32 10"
     assert values["seed"] == "0" and values["archi"] == "fc" and values["learnAlpha"] == "0"
-    assert set(values) >= {a.dest for a in main.build_parser()._actions if a.dest != "help"}
+    neurons = {"rho_threshold", "gamma_neur"}  # the binary-neuron constants: bin_W carries neither
+    assert set(values) >= {a.dest for a in main.build_parser()._actions if a.dest != "help"} - neurons
+    assert not neurons & set(values)
     assert not list(run.glob(".*.tmp"))
 
 
