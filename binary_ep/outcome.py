@@ -54,11 +54,13 @@ def ending(e, state):
         advice = "try smaller learning rates, thresholds or beta"
     elif isinstance(e, distributed.StopAll):
         code, advice = e.code, resume
+    if not state.root and isinstance(e, distributed.StopAll) and state.done == state.start:
+        return head, code  # rank 0's failure or loss: rank 0 said (or could not say) the rest
     if state.path is None or (state.root and run_folder.discard_unfinished(state.path)):
         saved = "nothing was saved" if state.path is None else f"nothing to resume, {path} removed"
         advice = "free space or choose another --outDir" if isinstance(e, files.WriteFailed) else None
-    elif state.done == 0 and not state.resumed:  # another rank's folder, which rank 0 removes
-        saved, advice = f"no epoch finished, so there is nothing to resume in {path}", None
+    elif state.done == 0 and not state.resumed:  # another rank, stopping with rank 0, which removes it
+        saved, advice = f"nothing to resume, {path} removed", None
     elif state.done == state.start:
         saved = f"nothing in {path} was changed"
     else:

@@ -221,7 +221,8 @@ def test_conv_delta_refuses_bad_inputs():
 def conv_args(padding):
     return SimpleNamespace(dataset="mnist", convList=[16, 8, 1], kernelSize=5, padding=padding, Fpool=2,
                            layersList=[10], activationFun="hardsigm", gamma=[1e-4] * 3,
-                           gradThreshold=[1e-6] * 3, lrBias=[0.01] * 3, lrAlpha=[0.0] * 3, learnAlpha=0)
+                           gradThreshold=[1e-6] * 3, lrBias=[0.01] * 3, lrAlpha=[0.0] * 3, learnAlpha=0,
+                           binary_settings="bin_W", expand_output=1)  # rate neurons: the kernels' path
 
 
 @needs_kernel
