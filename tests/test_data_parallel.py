@@ -37,6 +37,11 @@ CONV = ("--device -1 --archi conv --dataset digits --layersList 10 --convList 8 
         "--lrBias 0.05 0.05 0.05 --batchSize 32 --seed 5")
 
 
+# binary neurons (issue 18): the fc line's network with 10 output neurons a class
+BIN_W_N = (" --binary_settings bin_W_N --activationFun heaviside --layersList 64 256 100 --expand_output 10 "
+           "--beta 2")
+
+
 def env(**extra):
     e = {k: v for k, v in os.environ.items() if k not in distributed.LAUNCHER_VARIABLES + ("OMP_NUM_THREADS",)}
     e.update(EP_NO_PROGRESS="1", PYTHONPATH=ROOT, **extra)
@@ -143,7 +148,9 @@ def test_a_half_configured_launcher_environment_is_one_sentence():
 # 2 processes against 1
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("line", [FC + " --gamma 1 1 --gradThreshold 1e-3 1e-3",
-                                  CONV + " --gamma 1 1 1 --gradThreshold 1e-3 1e-3 1e-3"], ids=["fc", "conv"])
+                                  CONV + " --gamma 1 1 1 --gradThreshold 1e-3 1e-3 1e-3",
+                                  FC + BIN_W_N + " --gamma 1 1 --gradThreshold 1e-3 1e-3"],
+                         ids=["fc", "conv", "fc-bin_W_N"])
 def test_one_step_on_two_processes_gives_the_one_process_gradient_and_flips(line, tmp_path):
     """The same weights, the first global batch of 32 digits: the one-process run relaxes it in two
     CPU streams of 16, each rank its 16 alone, so the states agree bit for bit, and the gathered
@@ -156,7 +163,9 @@ def test_one_step_on_two_processes_gives_the_one_process_gradient_and_flips(line
     with m = gamma g after one step from m = 0) may then differ only where w m lies within alpha
     gamma times that bound of the threshold; those weights are counted (expected: none or a
     handful).  Then (fc) rank 1's first weight is made to differ: the comparison of the replicas
-    that ends every epoch stops both ranks with the same sentence (conv: it finds nothing)."""
+    that ends every epoch stops both ranks with the same sentence (conv: it finds nothing).
+    Binary neurons (fc-bin_W_N) send bits: every share's sum is then an integer count, and
+    1/(beta B) = 1/64 scales it exactly, so their gradients must agree bit for bit."""
     ref, two = tmp_path / "one", tmp_path / "two"
     ref.mkdir(), two.mkdir()
     argv = line.split() + ["--outDir", str(tmp_path)]
@@ -192,6 +201,8 @@ def test_one_step_on_two_processes_gives_the_one_process_gradient_and_flips(line
     for g1, g2 in zip(a["grads"] + a["bias_grads"], b["grads"] + b["bias_grads"]):
         ratios.append(float((g2 - g1).abs().max() / (64 * U * g1.abs().max())))
     assert max(ratios) <= 1.0, ratios
+    if "bin_W_N" in line:  # bits: every share's sum is an integer count, times 1/(beta B) = 2^-6: exact
+        assert max(ratios) == 0.0, ratios
     for w, g1, after1, after2, thr, gamma in zip(a["weights"], a["grads"], a["after"], b["after"],
                                                  a["thresholds"], a["gammas"]):
         alpha = w.abs()  # weights are +-alpha (per layer, or per output channel)
