@@ -3,6 +3,7 @@
 means, the MNIST ones build their networks and (the cheap ones) train an epoch of Fashion-MNIST,
 and the CIFAR-10 one gets past its arguments to the missing data set.  In-process."""
 
+import gzip
 import os
 import shlex
 
@@ -16,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMANDS = os.path.join(ROOT, "..", "shared", "seed", "original-readme-commands.txt")
 ABSENT = "(not carried)"  # rho_threshold and gamma_neur describe binary neurons only
 # appended to the MNIST lines for a quick epoch; ./data is found to hold Debian's Fashion-MNIST
-QUICK = "--dataset fashion_mnist --trainSubset 64 --testSubset 64 --epochs 1 --T 2 --Kmax 1".split()
+QUICK = "--trainSubset 64 --testSubset 64 --epochs 1 --T 2 --Kmax 1".split()
 
 
 def paper_lines():
@@ -94,12 +95,19 @@ def test_every_paper_line_parses_to_what_it_means(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def in_data_folder(tmp_path_factory):
-    """A fresh working folder whose ./data (the lines' default --dataDir) the runs share."""
+    """A fresh working folder whose ./data (the lines' default --dataDir) holds MNIST as
+    torchvision keeps it (``data/MNIST/raw``): MNIST cannot be downloaded here, so Debian's real
+    Fashion-MNIST files (the same format and sizes) are put there as MNIST's."""
     if not all(os.path.exists(os.path.join(datasets.DEBIAN_FASHION_MNIST, f + ".gz"))
                for f in datasets.MNIST_FILES):
         pytest.skip(f"Debian's Fashion-MNIST ({datasets.DEBIAN_FASHION_MNIST}, package "
                     f"dataset-fashion-mnist) is not installed")
     here, folder = os.getcwd(), tmp_path_factory.mktemp("paper_lines")
+    raw = folder / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in datasets.MNIST_FILES:
+        with gzip.open(os.path.join(datasets.DEBIAN_FASHION_MNIST, f + ".gz")) as src:
+            (raw / f).write_bytes(src.read())
     os.chdir(folder)
     yield folder
     os.chdir(here)
@@ -107,12 +115,12 @@ def in_data_folder(tmp_path_factory):
 
 @pytest.mark.parametrize("number", [1, 7, 13, 14, 18])
 def test_paper_line_trains_an_epoch(number, in_data_folder, capsys):
-    """The line as printed plus QUICK: one epoch of 64 Fashion-MNIST images, exit 0; line 18
+    """The MNIST line as printed plus QUICK: one epoch of 64 images, exit 0; line 18
     (the glued '8e-8--conv_threshold') records the flags as meant and a command that re-parses
     to the same arguments."""
     out = in_data_folder / f"out{number}"
     assert main.main(paper_lines()[number - 1] + QUICK + ["--outDir", str(out)]) == 0
-    (run,) = out.glob("DATA-0-*-fashion_mnist/*/S-1")
+    (run,) = out.glob("DATA-0-*-mnist/*/S-1")
     df = pd.read_csv(run / "results.csv", index_col="epoch")
     assert list(df.index) == [1] and 0 <= df["test_error"].iloc[0] <= 100
     binary = number >= 13
