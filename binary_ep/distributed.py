@@ -11,22 +11,25 @@ rank applies the same flips, bias and alpha steps.  Rank 0 alone touches the run
 (``Replicas.on_root``) and its outcome, good or bad, reaches every rank.  Signals wait for the
 next batch, where the ranks agree to stop together (``signals.hold``).  A rank that dies makes
 the others' next collective fail; they name it from the heartbeats every rank counts up in the
-launcher's key-value store.
+launcher's key-value store.  A rank that hangs (or dies under NCCL, whose collectives then wait
+forever) is found by the same heartbeats: a rank blocked on it ends with one line and exit 6.
+Only public ``torch.distributed`` APIs that torch 2.4 documents are used (tests/test_distributed_api.py).
 """
 
+import contextlib
 import datetime
 import hashlib
+import inspect
 import math
 import os
+import shlex
 import signal
 import sys
-import threading
-import time
 
 import torch
 import torch.distributed as dist
 
-from binary_ep import signals
+from binary_ep import heartbeat, signals
 from binary_ep.datasets import share_bounds
 from binary_ep.device import cuda_problem, prepare
 
@@ -34,9 +37,7 @@ LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER
 # A collective waits this long for a live peer: longer than any work rank 0 does alone (a
 # download, a checkpoint, the plots); a dead peer is noticed at once (its sockets close).
 TIMEOUT = datetime.timedelta(minutes=30)
-HEARTBEAT_S = 0.5  # each rank counts up its heartbeat key this often ...
-LOST_AFTER_S = 2.0  # ... and one whose count stands still this long is lost
-STOPPED = 6  # exit code of a rank that stops because another rank failed or was lost
+STOPPED = heartbeat.STOPPED  # exit code of a rank that stops because another rank failed or was lost
 
 
 class StopAll(Exception):
@@ -114,9 +115,14 @@ class Replicas:
     # -- collectives; a failure becomes StopAll naming the lost rank ---------------------------
     def _run(self, collective, *args, **kwargs):
         try:
-            collective(*args, **kwargs)
+            with self._waiting():
+                collective(*args, **kwargs)
         except RuntimeError as e:  # DistBackendError, DistNetworkError: a peer's failure
             raise self._lost(e) from None
+
+    def _waiting(self):
+        """Context of a wait on the other ranks (the heartbeat's watchdog watches it)."""
+        return self._heartbeat.waiting() if self._heartbeat is not None else contextlib.nullcontext()
 
     def sum_(self, t):
         """``t`` summed over the ranks, in place (returned)."""
@@ -188,11 +194,14 @@ class Replicas:
             rows[:a.shape[1], :a.shape[0]] = a.t()
             rows[:a.shape[1], a.shape[0]:] = x.flatten(1)
             sent.append((w, rows, a.new_empty(self.world * top, rows.shape[1]), a.shape[0], x.shape[1:], scale))
-        try:  # the two collectives run side by side
-            works = [dist.all_reduce(flat, async_op=True)]
-            works += [dist.all_gather_single(everyone, rows, async_op=True) for _, rows, everyone, *_ in sent]
-            for work in works:
-                work.wait()
+        try:  # the two collectives run side by side; all_gather (every rank's rows into its own
+            # block of ``everyone``) is on every backend of every torch (gloo had no
+            # all_gather_into_tensor in torch 2.1)
+            with self._waiting():
+                works = [dist.all_reduce(flat, async_op=True)]
+                works += [dist.all_gather(list(everyone.split(top)), rows, async_op=True) for _, rows, everyone, *_ in sent]
+                for work in works:
+                    work.wait()
         except RuntimeError as e:  # DistBackendError, DistNetworkError: a peer's failure
             raise self._lost(e) from None
         offset = 0
@@ -269,61 +278,29 @@ class Replicas:
     # -- a lost peer -------------------------------------------------------------------------------
     def _lost(self, error):
         """``StopAll`` for a failed collective, naming the ranks whose heartbeat stopped."""
-        detail = _sentence(error)
         lost = self._heartbeat.lost() if self._heartbeat is not None else None
         if lost:
-            who = ", ".join(map(str, lost))
-            return StopAll(f"rank {who} was lost (its process ended or stopped responding); rank "
-                           f"{self.rank} stops too")
-        return StopAll(f"a collective with the other ranks failed ({detail}); a peer rank was lost; "
-                       f"rank {self.rank} stops too")
+            return StopAll(heartbeat.lost_sentence(lost, self.rank))
+        return StopAll(f"a collective with the other ranks failed ({_sentence(error)}); a peer rank was "
+                       f"lost; rank {self.rank} stops too")
 
 
-class _Heartbeat:
-    """Every rank counts up its key in the launcher's TCP key-value store (MASTER_ADDR:MASTER_PORT)
-    every ``HEARTBEAT_S`` seconds, from a thread of its own; ``lost()`` lists the ranks whose
-    count stands still for ``LOST_AFTER_S`` seconds (None when the store cannot be reached)."""
-
-    def __init__(self, rank, world):
-        run = f"{os.environ.get('TORCHELASTIC_RUN_ID', 'none')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-        self.rank, self.keys = rank, [f"binary_ep/{run}/heartbeat/{r}" for r in range(world)]
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._beat, name="ep-heartbeat", daemon=True)
-        self.thread.start()
-
-    @staticmethod
-    def _client():
-        return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                             timeout=datetime.timedelta(seconds=10))
-
-    def _beat(self):
-        try:
-            store = self._client()
-            while True:
-                store.add(self.keys[self.rank], 1)
-                if self.stopped.wait(HEARTBEAT_S):
-                    return
-        except Exception:  # noqa: BLE001 - the store is gone: the launcher is stopping
-            return
-
-    def lost(self):
-        try:
-            store = self._client()
-            before = [store.add(k, 0) for k in self.keys]
-            time.sleep(LOST_AFTER_S)
-            after = [store.add(k, 0) for k in self.keys]
-        except Exception:  # noqa: BLE001
-            return None
-        return [r for r in range(len(self.keys)) if r != self.rank and after[r] == before[r]]
-
-    def stop(self):
-        """End the thread and wait for it: a daemon thread still inside a store call when Python
-        shuts down is ended by ``pthread_exit`` as it takes the GIL back, through C++ frames
-        that may not unwind, and the process aborts ("terminate called without an active
-        exception", SIGABRT).  A store that does not answer ends its call within its own
-        10 s timeout."""
-        self.stopped.set()
-        self.thread.join(timeout=15)
+def lost_line(progress, rank):
+    """``line(lost)``: the one line of rank ``rank`` that the heartbeat's watchdog ends because
+    the ranks ``lost`` hang: main's line for them (``outcome.ending``) with the state of the run
+    folder (``progress``, the run's ``outcome.Progress``; None: the sentence alone).  ``ending``'s
+    one clean-up, rank 0 removing the folder it made while no epoch is finished, is not for that
+    thread: rank 0 then says there is nothing to resume in it, and keeps it."""
+    def line(lost):
+        error = StopAll(heartbeat.lost_sentence(lost, rank))
+        if progress is None:
+            return f"main.py: error: {error}"
+        if progress.root and progress.path is not None and progress.done == 0 and not progress.resumed:
+            return (f"main.py: error: {error}; no epoch finished, so there is nothing to resume in "
+                    f"{shlex.quote(str(progress.path))}")
+        from binary_ep.outcome import ending  # (it imports this module); a finished epoch: no clean-up
+        return ending(error, progress)[0]
+    return line
 
 
 def _fingerprint(t):
@@ -349,11 +326,12 @@ def current():
     return _CURRENT if _CURRENT is not None else Replicas(torch.device("cpu"))
 
 
-def start(parser, args):
+def start(parser, args, progress=None):
     """The ``Replicas`` of this process.  Plain ``python main.py``: one process on ``--device``.
     Under a launcher: joins its process group (gloo on the CPU, NCCL on CUDA; ``--device -1``
     the CPU, any ``--device N >= 0`` the rank's local GPU), a seed drawn because none was given
-    becomes rank 0's, and signals are held for the ranks to stop together.  ``--check gdu`` and
+    becomes rank 0's, and signals are held for the ranks to stop together; ``progress`` (the
+    run's ``outcome.Progress``) words the line of a rank that a hung peer blocks.  ``--check gdu`` and
     ``--export`` run on rank 0 alone, without a group: the other ranks get None (nothing to do).
     Bad launcher variables, more ranks than ``--batchSize`` or a GPU beyond the node's are
     ``parser.error``."""
@@ -381,15 +359,17 @@ def start(parser, args):
     # release their last work while Python shuts down and abort the process (SIGABRT).  (Not
     # "import torch.distributed.nn", which would make torch a local name of this function.)
     from torch.distributed import nn  # noqa: F401
+    # device_id (the NCCL communicator formed at once, on the rank's GPU) where this torch has it
+    bind = {"device_id": device} if device.type == "cuda" and "device_id" in inspect.signature(
+        dist.init_process_group).parameters else {}
     try:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT,
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT, **bind)
     except Exception as e:  # noqa: BLE001 - the rendezvous failed: one sentence
         print(f"main.py: error: rank {rank} could not join the process group of the launcher "
               f"({_sentence(e)})", file=sys.stderr)
         sys.exit(STOPPED)
     _CURRENT = Replicas(device, rank, world, local, group=True)
-    _CURRENT._heartbeat = _Heartbeat(rank, world)
+    _CURRENT._heartbeat = heartbeat.Heartbeat(rank, world, device, lost_line(progress, rank))
     args.seed = _CURRENT.broadcast(args.seed)
     signals.hold(True)
     return _CURRENT

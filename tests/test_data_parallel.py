@@ -1,29 +1,34 @@
 """Data-parallel training (DESIGN.md section 9), started the way users start it: PyTorch's own
 launcher, ``python -m torch.distributed.run --standalone --nproc_per_node 2 main.py ...``, on
 the CPU with gloo.  The same gradients as one process, the same learning curve, one run folder
-written by rank 0, resume with 2 and with 1 process, SIGINT to the launcher, a killed rank,
-rank 0's failures reaching the others, and the launcher errors; plus the pieces in-process:
-shares of batches, the global normaliser of the estimators, quiet progress bars."""
+written by rank 0, resume with 2 and with 1 process, SIGINT to the launcher, a killed rank, a
+hung rank, rank 0's failures reaching the others, and the launcher errors; plus the pieces
+in-process: shares of batches, the global normaliser of the estimators, quiet progress bars,
+the heartbeat's watchdog."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pandas as pd
 import pytest
 import torch
+import torch.distributed as dist
 
 import main
-from binary_ep import distributed, files, loops
+from binary_ep import distributed, files, heartbeat, loops, run_folder
 from binary_ep.datasets import TensorBatches, load_digits_split, share_bounds
 from binary_ep.estimators import BPTT, EP
+from binary_ep.outcome import Progress
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 U = 2.0 ** -24  # float32 unit roundoff
 # a rank killed mid-epoch: the others exit within this many seconds (their next collective fails
-# at once; naming the lost rank from the heartbeats takes distributed.LOST_AFTER_S)
+# at once; naming the lost rank from the heartbeats takes heartbeat.LOST_AFTER_S)
 LOST_RANK_TIMEOUT_S = 15
 
 # fc: 2 weight layers; the input layer's gradient (256 x 64) goes as its two factors (B x (256 + 64)
@@ -461,11 +466,11 @@ def test_the_device_of_each_rank_on_a_node_with_two_gpus(monkeypatch):
 HEARTBEAT_EXIT = """
 import os, sys, time
 import torch.distributed as dist
-from binary_ep import distributed
+from binary_ep import heartbeat
 server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(server.port))
-distributed.HEARTBEAT_S = 0  # beat without pause: the thread is nearly always inside a store call
-beat = distributed._Heartbeat(0, 2)
+heartbeat.HEARTBEAT_S = 0  # beat without pause: the thread is nearly always inside a store call
+beat = heartbeat.Heartbeat(0, 2)
 time.sleep(0.3)
 assert server.add(beat.keys[0], 0) > 10, "the heartbeat did not beat"
 beat.stop()
@@ -480,3 +485,173 @@ def test_a_stopped_heartbeat_lets_the_process_exit_without_an_abort():
         r = subprocess.run([sys.executable, "-c", HEARTBEAT_EXIT], capture_output=True, text=True,
                            env=env(), cwd=ROOT, timeout=60)
         assert r.returncode == 0 and r.stderr == "", (r.returncode, r.stderr)
+
+
+# ----------------------------------------------------------------------------------------------
+# a rank blocked on a peer that hangs: the heartbeat's watchdog ends it (DESIGN.md section 9)
+# ----------------------------------------------------------------------------------------------
+LOST = "main.py: error: rank 1 was lost (its process ended or stopped responding); rank 0 stops too"
+HUNG_RANK_BOUND_S = 8  # stated: 3.5 s after this rank starts waiting on a hung peer; slack for load
+# short epochs (8 batches of T=10), many of them: rank 1 is stopped while training goes on
+HANG = ("--device -1 --archi fc --dataset digits --layersList 64 256 10 --T 10 --Kmax 6 --beta 0.5 "
+        "--gamma 1e-3 1e-3 --gradThreshold 3e-5 3e-5 --lrBias 0.05 0.1 --batchSize 32 --test_batchSize 360 "
+        "--trainSubset 256 --epochs 60 --seed 5").split()
+
+
+class Exits:
+    """A stand-in for ``os._exit`` that records the code (and the time) instead of exiting."""
+
+    def __init__(self):
+        self.codes, self.at = [], None
+
+    def __call__(self, code):
+        self.codes.append(code)
+        self.at = time.monotonic()
+
+
+def peer_beats(server, key, seconds):
+    """Count up ``key`` as a live peer would, for ``seconds``, in a thread of its own."""
+    def beat():
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            server.add(key, 1)
+            time.sleep(0.02)
+    thread = threading.Thread(target=beat)
+    thread.start()
+    return thread
+
+
+def test_a_rank_waiting_on_a_peer_whose_heartbeat_stood_still_says_one_line_and_exits_6(
+        monkeypatch, tmp_path, capsys):
+    """In-process, with the launcher's store: while rank 0 waits in a collective (``waiting``)
+    and rank 1 beats, nothing happens; once rank 1's count stands still for LOST_AFTER_S, rank 0's
+    watchdog prints the line main prints for a lost rank, with the state of the run folder, and
+    exits 6.  A rank not waiting on the others is left alone, however still its peer."""
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(server.port))
+    monkeypatch.setattr(heartbeat, "HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(heartbeat, "LOST_AFTER_S", 0.8)
+    state = Progress()
+    state.path, state.done, state.epoch = str(tmp_path / "S-1"), 2, 3
+    exits = Exits()
+    beat = heartbeat.Heartbeat(0, 2, describe=distributed.lost_line(state, 0), exit_process=exits)
+    try:
+        time.sleep(1.0)  # rank 1 silent, but rank 0 is not waiting on it
+        assert exits.codes == [] and beat.thread.is_alive()
+        with beat.waiting():
+            peer_beats(server, beat.keys[1], 1.0).join()  # a live peer, beating
+            assert exits.codes == []
+            stood_still = time.monotonic()
+            wait_for(lambda: exits.codes, timeout=5)
+    finally:
+        beat.stop()
+    assert exits.codes == [distributed.STOPPED]
+    assert 0.75 <= exits.at - stood_still <= 0.8 + 1.5, exits.at - stood_still  # LOST_AFTER_S, plus beats
+    assert capsys.readouterr().err.splitlines() == [
+        f"{LOST}; epochs 1-2 are saved; continue with: python main.py --resume {tmp_path}/S-1"]
+
+
+def test_the_watchdog_removes_nothing_and_says_an_unfinished_folder_holds_nothing_to_resume(
+        monkeypatch, tmp_path, capsys):
+    """Rank 0's folder with no finished epoch is what main removes after a lost rank; the
+    watchdog thread deletes nothing (it ends the process at once) and says so."""
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(server.port))
+    monkeypatch.setattr(heartbeat, "HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(heartbeat, "LOST_AFTER_S", 0.3)
+    folder = tmp_path / "S-1"
+    folder.mkdir()
+    (folder / "Hyperparameters.txt").write_text("x\n")
+    monkeypatch.setattr(run_folder, "_CREATED", {str(folder)})  # made by this process
+    state = Progress()
+    state.path, state.epoch = str(folder), 1
+    exits = Exits()
+    beat = heartbeat.Heartbeat(0, 2, describe=distributed.lost_line(state, 0), exit_process=exits)
+    try:
+        with beat.waiting():
+            wait_for(lambda: exits.codes, timeout=5)
+    finally:
+        beat.stop()
+    assert exits.codes == [distributed.STOPPED] and os.listdir(folder) == ["Hyperparameters.txt"]
+    assert capsys.readouterr().err.splitlines() == [
+        f"{LOST}; no epoch finished, so there is nothing to resume in {folder}"]
+
+
+class FakeEvent:
+    """``torch.cuda.Event`` on a machine without a GPU: the device passes it when ``done`` is set."""
+    done = False
+
+    def record(self):
+        pass
+
+    def query(self):
+        return FakeEvent.done
+
+
+def test_on_cuda_a_rank_waits_until_its_gpu_has_passed_the_collective(monkeypatch, tmp_path, capsys):
+    """Under NCCL a collective returns at once and the host waits later, in the batch's read:
+    after the collective's block the rank still counts as waiting while the GPU has not passed
+    the event recorded at its end (a peer silent meanwhile ends it), and not once it has."""
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(server.port))
+    monkeypatch.setattr(heartbeat, "HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(heartbeat, "LOST_AFTER_S", 0.3)
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(FakeEvent, "done", True)
+    exits = Exits()
+    beat = heartbeat.Heartbeat(0, 2, torch.device("cuda", 0), exit_process=exits)
+    try:
+        with beat.waiting():
+            pass
+        time.sleep(0.8)  # the GPU passed the collective: not waiting, however silent rank 1
+        assert exits.codes == []
+        FakeEvent.done = False
+        with beat.waiting():
+            pass
+        wait_for(lambda: exits.codes, timeout=5)  # the host is in the batch's read, rank 1 silent
+    finally:
+        beat.stop()
+    assert exits.codes == [distributed.STOPPED] and capsys.readouterr().err.splitlines() == [LOST]
+
+
+def process_ended(pid):
+    """Whether process ``pid`` ended (gone, or a zombie its parent has not reaped yet)."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_a_hung_rank_ends_the_job_rank_0_says_one_line_and_exits_6(tmp_path):
+    """Rank 1 stopped (SIGSTOP: its sockets stay open, so no collective fails) after epoch 1 is
+    saved: rank 0, blocked in its next collective, exits 6 within the stated bound with the one
+    line; then the stopped rank is killed and torchrun ends (it reports rank 0's exit code 6)."""
+    out = tmp_path / "out"
+    p = launch(HANG + ["--outDir", out], tmp_path, "hang")
+    try:
+        wait_for(lambda: bool(list(out.glob("DATA-0-*/*/S-*/checkpoint.pt"))) or p.poll() is not None)
+        ranks = workers(p)
+        assert sorted(ranks) == [0, 1] and p.poll() is None, (tmp_path / "hang.err").read_text()
+        os.kill(ranks[1], signal.SIGSTOP)
+        t0 = time.monotonic()
+        wait_for(lambda: process_ended(ranks[0]), timeout=60)
+        seconds = time.monotonic() - t0
+    finally:
+        for pid in workers(p).values():
+            os.kill(pid, signal.SIGKILL)  # works on a stopped process too
+        code = p.wait(timeout=60)
+    err = (tmp_path / "hang.err").read_text()
+    print(f"rank 0 exited {seconds:.1f} s after SIGSTOP of rank 1; torchrun exit code {code}; its stderr:\n{err}")
+    assert seconds < HUNG_RANK_BOUND_S and code != 0
+    assert not our_traceback(err), err
+    (line,) = [l for l in err.splitlines() if l.startswith("main.py: error:")]
+    assert line.startswith(LOST), line
+    assert re.search(r"rank\s*: 0 \(local_rank: 0\)\s+exitcode\s*: 6 ", err), err
+    run_ = only_run(out)
+    done = torch.load(run_ / "checkpoint.pt", weights_only=False)["epoch"]
+    assert done >= 1 and list(pd.read_csv(run_ / "results.csv", index_col="epoch").index) == list(range(1, done + 1))
