@@ -38,24 +38,29 @@ import torch.nn.functional as F
 from binary_ep import cpu_kernels
 from binary_ep.activations import one_hot
 from binary_ep.binary_optimizer import current_alpha
+from binary_ep.events import Events, event_driven
 from binary_ep.network import EPNetwork
-from binary_ep.neurons import count, count_signs, neuron_model
+from binary_ep.neurons import PerUpdate, count, count_signs, neuron_model
 from binary_ep.vocabulary import INPUT_SHAPE, conv_geometry
 
-ConvDrive = namedtuple("ConvDrive", "pooled indices conv_w fc_top tracked counted")
+ConvDrive = namedtuple("ConvDrive", "pooled indices conv_w fc_top tracked counted events")
 ConvDrive.__doc__ = """What stays constant while one batch relaxes: ``pooled``, the bottom
 convolution's term ``P(conv(x) + b)`` (B, C, H, W), and its max-pool ``indices``; ``conv_w``, the
 convolution weights in the states' memory layout; ``fc_top``, the weight of the classifier layer
 that reads the top convolution, its columns reordered to that state's (h, w, c) memory order;
 ``tracked``, a dict of the ``Tracked`` terms of the compiled CPU path (the drive of one stream
-only: they change as the states relax); ``counted``: None for rate neurons, else ``Counted``."""
+only: they change as the states relax); ``counted``: None for rate neurons, else ``Counted``;
+``events``: binary neurons, the stream's ``events.Events`` (else None)."""
 
-Counted = namedtuple("Counted", "fc fc_t fc_top fc_top_t conv fc_alpha conv_alpha")
-Counted.__doc__ = """Binary neurons read bits, so their products are integer counts times alpha:
-``fc``/``fc_t`` the +-1 sign matrices of the classifier and their transposes (``fc_top``/
-``fc_top_t``: of ``ConvDrive.fc_top``), as ``neurons.count`` takes them; ``conv`` those of the
-convolutions (states' layout, float); the alpha of each classifier layer (1, 1) and of each
-convolution's output channels (1, C, 1, 1)."""
+Counted = namedtuple("Counted", "fc fc_t fc_top fc_top_t conv fc_alpha conv_alpha flipped first")
+Counted.__doc__ = """Binary neurons read bits, so their products are integer counts times alpha
+(made once per weight update): ``fc``/``fc_t`` the +-1 sign matrices of the classifier and
+their transposes (``fc_top``/``fc_top_t``: of ``ConvDrive.fc_top``), as ``neurons.count`` takes
+them; ``conv`` those of the convolutions (states' layout, float); the alpha of each classifier
+layer (1, 1) and of each convolution's output channels (1, C, 1, 1); ``flipped``: ``conv`` as
+``cpu_kernels.conv_delta`` takes them; ``first``: the count of all-ones inputs of each product
+(``("down", k)``: into classifier layer k from below, ``("up", k)``: from above, ``("top",)``:
+into the top convolution, (n,); ``("conv", i)``: convolution i, (1, C, H, W))."""
 
 # a tracked term is recomputed in full on its first step and after this many updates, and in a
 # sample where more than this fraction of its input changed (there that is faster)
@@ -102,6 +107,7 @@ class Network_conv(EPNetwork):
         names = [f"fc{k}" for k in range(len(self.fc))] + [g.name for g in self.geometry]
         self._setup_optimizers(args, [l.weight for l in layers], [l.bias for l in layers], names,
                                [False] * len(self.fc) + [True] * len(self.conv), alpha_scale=1.0)
+        self._signs = PerUpdate()  # binary neurons: ``Counted``, made once per weight update
         if self.neurons.binary:  # the original's conv bin_W_N: biases at 0, filters at 2 gamma N(0, 1)
             with torch.no_grad():
                 for layer in layers:
@@ -151,21 +157,42 @@ class Network_conv(EPNetwork):
         bottom = self.conv[-1]
         x = x.contiguous(memory_format=self.layout)
         conv_w = [l.weight.contiguous(memory_format=self.layout) for l in self.conv]
-        c, h, w = self.geometry[0].pool
-        fc_last = self.fc[-1].weight
-        fc_top = fc_last.view(-1, c, h, w).permute(0, 2, 3, 1).reshape(fc_last.shape[0], -1)
+        fc_top = self._top_weight(self.fc[-1].weight)
         pooled, indices = self._pool(F.conv2d(x, conv_w[-1], bottom.bias, padding=self.padding))
         # (a one-channel input gives them the default layout)
         pooled, indices = (t.contiguous(memory_format=self.layout) for t in (pooled, indices))
-        counted = None
+        counted = events = None
         if self.neurons.binary:
-            fc = [count_signs(l.weight) for l in self.fc]
-            top = count_signs(fc_top)
-            counted = Counted(fc, [w.t().contiguous() for w in fc], top, top.t().contiguous(),
-                              [torch.sign(w) for w in conv_w],
-                              [current_alpha(l.weight, False) for l in self.fc],
-                              [current_alpha(l.weight, True).view(1, -1, 1, 1) for l in self.conv])
-        return ConvDrive(pooled, indices, conv_w, fc_top, {}, counted)
+            counted = self._signs.get([l.weight for l in list(self.fc) + list(self.conv)], self._counted)
+            events = Events(event_driven(x.device))
+        return ConvDrive(pooled, indices, conv_w, fc_top, {}, counted, events)
+
+    def _top_weight(self, weight):
+        """The classifier weight that reads the top convolution, its columns in that state's
+        (h, w, c) memory order."""
+        c, h, w = self.geometry[0].pool
+        return weight.view(-1, c, h, w).permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+
+    def _counted(self):
+        """``Counted`` of the current weights."""
+        fc = [count_signs(l.weight.detach()) for l in self.fc]
+        top = count_signs(self._top_weight(self.fc[-1].weight.detach()))
+        fc_t, top_t = [w.t().contiguous() for w in fc], top.t().contiguous()
+        conv = [torch.sign(l.weight.detach()).contiguous(memory_format=self.layout) for l in self.conv]
+        dtype, nf, first = self.fc[0].weight.dtype, self.n_fc, {}
+        for k in range(nf):
+            rows = fc_t[k] if k + 1 < nf else top_t
+            first[("down", k)] = count(rows.new_ones(1, rows.shape[0]), rows, dtype)[0]
+            if k > 0:
+                first[("up", k)] = count(fc[k - 1].new_ones(1, fc[k - 1].shape[0]), fc[k - 1], dtype)[0]
+        first[("top",)] = count(top.new_ones(1, top.shape[0]), top, dtype)[0]
+        for i in range(len(self.conv) - 1):
+            ones = conv[i].new_ones((1,) + self.geometry[i + 1].pool).contiguous(memory_format=self.layout)
+            first[("conv", i)] = F.conv2d(ones, conv[i], padding=self.padding).contiguous(memory_format=self.layout)
+        return Counted(fc, fc_t, top, top_t, conv,
+                       [current_alpha(l.weight, False) for l in self.fc],
+                       [current_alpha(l.weight, True).view(1, -1, 1, 1) for l in self.conv],
+                       [cpu_kernels.flipped_weight(w) for w in conv], first)
 
     def stepper(self, s, drive, target=None, beta=0.0, out=None, record=None, ref=None):
         """One synchronous step of every layer from the previous states ``s`` (see the module
@@ -176,10 +203,12 @@ class Network_conv(EPNetwork):
         ``target`` from ``ref`` (default the current ``s[0]``).  A ``record`` dict receives
         ``"indices"``: the max-pool indices this step used, one (B, C_i, H_i, W_i) tensor per
         convolution, top first (the gradient unpools with them)."""
-        nf, nc, neurons, counted = self.n_fc, len(self.conv), self.neurons, drive.counted
-        if torch.is_grad_enabled() or counted is not None:
+        nf, nc, neurons = self.n_fc, len(self.conv), self.neurons
+        if drive.counted is not None:
+            return self._binary_step(s, drive, target, beta, record, ref)
+        if torch.is_grad_enabled():
             out = None
-        b = [neurons.send(v) for v in s]  # rate neurons: the states themselves
+        b = s  # rate neurons send their states
         new = []
         # the classifier step, as Network_fc's in the batch-first (B, n) layout: written twice on
         # purpose, the fc network's feature-major (n, B) layout keeps its large products free of a
@@ -187,18 +216,12 @@ class Network_conv(EPNetwork):
         for k, layer in enumerate(self.fc):
             buf = None if out is None else out[k]
             below = b[k + 1] if k + 1 < nf else self._flat(b[nf])
-            if counted is not None:
-                w_t = counted.fc_t[k] if k + 1 < nf else counted.fc_top_t
-                a = count(below, w_t).mul_(counted.fc_alpha[k]).add_(layer.bias)
-                if k > 0:
-                    a.add_(count(b[k - 1], counted.fc[k - 1]).mul_(counted.fc_alpha[k - 1]))
-            else:
-                w = layer.weight if k + 1 < nf else drive.fc_top
-                a = torch.addmm(layer.bias, below, w.t()) if buf is None else \
-                    torch.addmm(layer.bias, below, w.t(), out=buf)
-                if k > 0:
-                    fb = self.fc[k - 1].weight
-                    a = a + b[k - 1] @ fb if buf is None else a.addmm_(b[k - 1], fb)
+            w = layer.weight if k + 1 < nf else drive.fc_top
+            a = torch.addmm(layer.bias, below, w.t()) if buf is None else \
+                torch.addmm(layer.bias, below, w.t(), out=buf)
+            if k > 0:
+                fb = self.fc[k - 1].weight
+                a = a + b[k - 1] @ fb if buf is None else a.addmm_(b[k - 1], fb)
             diff = target - (s[0] if ref is None else ref) if k == 0 and beta != 0 else None
             new.append(neurons.update(s[k], a, diff, beta))
         indices = None
@@ -208,17 +231,13 @@ class Network_conv(EPNetwork):
                 pooled, next_indices = self._pool(self._conv_term(drive, i, b[nf + i + 1]))
             else:
                 pooled, next_indices = drive.pooled, drive.indices
-            if i > 0 and counted is None and self._use_kernel(pooled):  # without the unpooled zeros
+            if i > 0 and self._use_kernel(pooled):  # without the unpooled zeros
                 feedback = self._tracked_feedback(drive, i, s[nf + i - 1],
                                                   indices.contiguous(memory_format=self.layout))
             elif i == 0:
-                if counted is None:
-                    flat = b[nf - 1] @ drive.fc_top
-                else:
-                    flat = count(b[nf - 1], counted.fc_top).mul_(counted.fc_alpha[nf - 1])
                 _, c, h, w = s[nf].shape
-                feedback = flat.view(-1, h, w, c).permute(0, 3, 1, 2)
-            else:  # (binary neurons too: the channels' alphas differ, so a float product)
+                feedback = (b[nf - 1] @ drive.fc_top).view(-1, h, w, c).permute(0, 3, 1, 2)
+            else:
                 feedback = F.conv_transpose2d(self._unpool(b[nf + i - 1], indices, i - 1),
                                               drive.conv_w[i - 1], padding=self.padding)
             a = pooled + feedback if buf is None else torch.add(pooled, feedback, out=buf)
@@ -228,14 +247,66 @@ class Network_conv(EPNetwork):
                 record.setdefault("indices", []).append(indices)
         return new
 
-    def _conv_term(self, drive, i, below):
-        """``conv_i(below) + b_i`` of the state (bits) below convolution ``i``: a count times the
-        channels' alpha for binary neurons; else kept up to date by the compiled CPU kernels
-        where they apply, or PyTorch's convolution."""
-        bias = self.conv[i].bias
-        if drive.counted is not None:
-            count = F.conv2d(below, drive.counted.conv[i], padding=self.padding)
-            return count.mul_(drive.counted.conv_alpha[i]).add_(bias.view(1, -1, 1, 1))
+    def _binary_step(self, s, drive, target, beta, record, ref):
+        """The step of binary neurons (``stepper``'s docstring): each layer sends its bits
+        (``drive.events``); every product of bits is a count (``drive.counted``) brought up to
+        date from the bits that changed or computed densely (the same numbers either way), but
+        the feedback between two convolutions, whose terms carry the upper layer's channel
+        alphas: it is computed in full at every step from the bits (``_bit_feedback``)."""
+        nf, nc, neurons, c, events = self.n_fc, len(self.conv), self.neurons, drive.counted, drive.events
+        # the classifier and the top convolution send through sign matrices (``Events.product``),
+        # a lower convolution to the one above it (``Events.conv_counts``)
+        sent = [events.send(k, neurons.bits(v), 0, k <= nf) for k, v in enumerate(s)]
+        new = []
+        for k, layer in enumerate(self.fc):
+            rows = c.fc_t[k] if k + 1 < nf else c.fc_top_t
+            a = events.product(("down", k), sent[k + 1], rows, c.first[("down", k)], c.fc_alpha[k]).add_(layer.bias)
+            if k > 0:
+                a.add_(events.product(("up", k), sent[k - 1], c.fc[k - 1], c.first[("up", k)], c.fc_alpha[k - 1]))
+            diff = target - (s[0] if ref is None else ref) if k == 0 and beta != 0 else None
+            new.append(neurons.update(s[k], a, diff, beta))
+        indices = None
+        for i in range(nc):
+            if i + 1 < nc:
+                pooled, next_indices = self._pool(self._conv_term(drive, i, None, sent[nf + i + 1]))
+            else:
+                pooled, next_indices = drive.pooled, drive.indices
+            if i == 0:
+                flat = events.product(("top",), sent[nf - 1], c.fc_top, c.first[("top",)], c.fc_alpha[nf - 1])
+                _, ch, h, w = s[nf].shape
+                feedback = flat.view(-1, h, w, ch).permute(0, 3, 1, 2)
+            else:
+                feedback = self._bit_feedback(drive, i, sent[nf + i - 1].float(s[nf + i].dtype), indices)
+            new.append(neurons.update(s[nf + i], pooled + feedback))
+            indices = next_indices
+            if record is not None:
+                record.setdefault("indices", []).append(indices)
+        return new
+
+    def _bit_feedback(self, drive, i, above, indices):
+        """``conv_transpose2d(max_unpool2d(above, indices), conv_w[i-1])``, the feedback layer ``i``
+        receives from the bits ``above`` (floats) of the convolution above it: from the compiled
+        kernel that skips the zeros where it applies (the unpooled ones and the silent neurons),
+        else PyTorch's; the same at every step whatever ``EP_EVENT_DRIVEN`` says."""
+        if self._use_kernel(above):
+            return cpu_kernels.unpool_conv_transpose(above.contiguous(memory_format=self.layout),
+                                                     indices.contiguous(memory_format=self.layout),
+                                                     drive.conv_w[i - 1], self.geometry[i - 1].conv[1:],
+                                                     self.padding, self.fpool)
+        return F.conv_transpose2d(self._unpool(above, indices, i - 1), drive.conv_w[i - 1], padding=self.padding)
+
+    def _conv_term(self, drive, i, below, sent=None):
+        """``conv_i(below) + b_i`` of the state below convolution ``i``: for binary neurons a count
+        times the channels' alpha, of the bits ``below`` (floats) or of those ``sent`` (kept up
+        to date by ``drive.events``); else kept up to date by the compiled CPU kernels where
+        they apply, or PyTorch's convolution."""
+        bias, c = self.conv[i].bias, drive.counted
+        if c is not None:
+            def dense(bits):
+                return F.conv2d(bits, c.conv[i], padding=self.padding).contiguous(memory_format=self.layout)
+            counts = dense(below) if sent is None else drive.events.conv_counts(
+                ("conv", i), self.n_fc + i + 1, sent, c.flipped[i], c.first[("conv", i)], self.padding, dense)
+            return torch.mul(counts, c.conv_alpha[i]).add_(bias.view(1, -1, 1, 1))
         if self._use_kernel(below):
             return self._tracked_conv(drive, i, below)
         return F.conv2d(below, drive.conv_w[i], bias, padding=self.padding)
@@ -285,7 +356,8 @@ class Network_conv(EPNetwork):
                 and cpu_kernels.available())
 
     def split_drive(self, drive, n):
-        return [drive._replace(pooled=p, indices=i, tracked={}) for p, i in
+        events = drive.events
+        return [drive._replace(pooled=p, indices=i, tracked={}, events=events and events.fresh()) for p, i in
                 zip(drive.pooled.tensor_split(n), drive.indices.tensor_split(n))]
 
     # -- learning ------------------------------------------------------------------------------

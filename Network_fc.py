@@ -14,17 +14,20 @@ import torch.nn as nn
 
 from binary_ep.activations import one_hot
 from binary_ep.binary_optimizer import current_alpha
+from binary_ep.events import Events, event_driven
 from binary_ep.network import EPNetwork
-from binary_ep.neurons import count, count_signs, neuron_model
+from binary_ep.neurons import PerUpdate, count, count_signs, neuron_model
 
 
-FcConstants = namedtuple("FcConstants", "x W WT b alpha")
+FcConstants = namedtuple("FcConstants", "x W WT b alpha first events")
 FcConstants.__doc__ = """What stays constant while one batch relaxes: ``x``, the input drive
 ``W[-1] x + b[-1]`` (n_{L-2}, B); ``W`` and ``WT``, the weight matrices and the contiguous
 transposes of all but the input layer's; ``b``, the bias columns (n_k, 1); ``alpha``: None for
 rate neurons (``W`` are the weights), else each layer's alpha (1, 1), with ``W``/``WT`` (but
 the input layer's) the +-1 sign matrices of ``neurons.count_signs`` (binary neurons: products of
-bits are integer counts times alpha)."""
+bits are integer counts times alpha); binary neurons also have ``first``, the count of all-ones
+inputs of each product (``("down", k)``: ``sign(W[k]) 1``, ``("up", k)``: ``sign(W[k-1])^T 1``,
+(n_k,)) and ``events``, the stream's ``events.Events`` (else None)."""
 
 
 def _addmm(bias, a, b, out):
@@ -48,6 +51,7 @@ class Network_fc(EPNetwork):
         # learnt alpha: the original fc class scales its alpha estimate by 0.5 (DESIGN.md section 4)
         self._setup_optimizers(args, [l.weight for l in self.W], [l.bias for l in self.W], names,
                                [False] * len(self.W), alpha_scale=0.5)
+        self._signs = PerUpdate()  # binary neurons: the sign matrices, made once per weight update
 
     def target(self, labels):
         """One-hot targets in {0, 1}, each class's entry repeated ``expand_output`` (E) times,
@@ -67,18 +71,34 @@ class Network_fc(EPNetwork):
         """``x``: the flattened images, (B, n_input).  The batch's constants during both phases:
         ``W[-1] x + b[-1]`` of shape (n_{L-2}, B), plus the weight matrices, their contiguous
         transposes and the bias columns the stepper uses (made once per batch instead of once per
-        step)."""
+        step; binary neurons: the sign matrices, made once per weight update)."""
         layer = self.W[-1]
-        weights, alpha = [l.weight for l in self.W], None
-        if self.neurons.binary:  # the layers read bits: their sign matrices and alpha (all but the
-            alpha = [current_alpha(w, False) for w in weights]  # input layer's, which reads x)
-            weights = [count_signs(w) for w in weights[:-1]] + weights[-1:]
-        return FcConstants(torch.addmm(layer.bias.unsqueeze(1), layer.weight, x.t()), weights,
-                           [w.t().contiguous() for w in weights[:-1]],
-                           [l.bias.unsqueeze(1) for l in self.W], alpha)
+        drive = torch.addmm(layer.bias.unsqueeze(1), layer.weight, x.t())
+        biases = [l.bias.unsqueeze(1) for l in self.W]
+        if self.neurons.binary:
+            W, WT, alpha, first = self._signs.get([l.weight for l in self.W], self._sign_constants)
+            return FcConstants(drive, W, WT, biases, alpha, first, Events(event_driven(x.device)))
+        weights = [l.weight for l in self.W]
+        return FcConstants(drive, weights, [w.t().contiguous() for w in weights[:-1]], biases, None, None, None)
+
+    def _sign_constants(self):
+        """Binary neurons read bits: the sign matrices of all but the input layer (with the
+        input layer's weight, which reads x), their transposes, alpha and the counts of all-ones
+        inputs (``FcConstants``)."""
+        weights = [l.weight.detach() for l in self.W]
+        alpha = [current_alpha(w, False) for w in weights]
+        W = [count_signs(w) for w in weights[:-1]] + weights[-1:]
+        WT = [w.t().contiguous() for w in W[:-1]]
+        first, dtype = {}, weights[0].dtype
+        for k in range(len(W) - 1):
+            first[("down", k)] = count(W[k], W[k].new_ones(W[k].shape[1], 1), dtype)[:, 0]
+            first[("up", k + 1)] = count(WT[k], WT[k].new_ones(WT[k].shape[1], 1), dtype)[:, 0]
+        return W, WT, alpha, first
 
     def split_drive(self, drive, n):
-        return [drive._replace(x=part.contiguous()) for part in drive.x.tensor_split(n, 1)]
+        events = drive.events
+        return [drive._replace(x=part.contiguous(), events=events and events.fresh())
+                for part in drive.x.tensor_split(n, 1)]
 
     def stepper(self, s, drive, target=None, beta=0.0, out=None, record=None, ref=None):
         """One synchronous step, every layer from the previous states ``s``; rate neurons::
@@ -98,40 +118,59 @@ class Network_fc(EPNetwork):
         """
         n, neurons = len(s), self.neurons
         if neurons.binary:
-            out = None  # the update reads the previous states
+            return self._binary_step(s, drive, target, beta, ref)
         b = [neurons.send(v) for v in s]
         new = []
         for k in range(n):
-            if drive.alpha is not None:
-                a = self._counted_input(drive, b, k, n)
+            buf = None if out is None else out[k]
+            if k == n - 1 and n > 1 and out is not None:
+                buf = s[k]  # its one reader, layer k - 1, is done: update in place (less cache)
+            if k == n - 1:  # bottom state: constant input drive
+                a = drive.x.clone() if n == 1 else _addmm(drive.x, drive.WT[k - 1], b[k - 1], buf)
             else:
-                buf = None if out is None else out[k]
-                if k == n - 1 and n > 1 and out is not None:
-                    buf = s[k]  # its one reader, layer k - 1, is done: update in place (less cache)
-                if k == n - 1:  # bottom state: constant input drive
-                    a = drive.x.clone() if n == 1 else _addmm(drive.x, drive.WT[k - 1], b[k - 1], buf)
-                else:
-                    a = _addmm(drive.b[k], drive.W[k], b[k + 1], buf)
-                    if k > 0:
-                        a = _addmm(a, drive.WT[k - 1], b[k - 1], a)
+                a = _addmm(drive.b[k], drive.W[k], b[k + 1], buf)
+                if k > 0:
+                    a = _addmm(a, drive.WT[k - 1], b[k - 1], a)
+            diff = target - (s[0] if ref is None else ref) if k == 0 and beta != 0 else None
+            new.append(neurons.update(s[k], a, diff, beta))
+        return new
+
+    def _binary_step(self, s, drive, target, beta, ref):
+        """The step of binary neurons: each layer sends its bits (``drive.events``), every
+        product of bits is a count, brought up to date from the bits that changed or computed
+        densely (``Events.product``; the same numbers either way)."""
+        n, neurons, events = len(s), self.neurons, drive.events
+        sent = [events.send(k, neurons.bits(v), 1) for k, v in enumerate(s)]
+
+        def scaled(key, matrix, rows, j, alpha):
+            return events.product(key, sent[j], rows, drive.first[key], alpha, matrix)
+        new = []
+        for k in range(n):
+            a = self._counted_input(drive, None, k, n, scaled)
             diff = target - (s[0] if ref is None else ref) if k == 0 and beta != 0 else None
             new.append(neurons.update(s[k], a, diff, beta))
         return new
 
     @staticmethod
-    def _counted_input(drive, b, k, n):
-        """The input of layer ``k`` from the bits ``b`` of its neighbours, (n_k, B)::
+    def _counted_input(drive, b, k, n, scaled=None):
+        """The input of layer ``k`` from the bits ``b`` of its neighbours (floats), (n_k, B)::
 
             alpha_k count(sign(W[k]) b[k+1]) + b[k] + alpha_{k-1} count(sign(W[k-1])^T b[k-1])
 
         (the bottom hidden layer: the input drive ``W[-1] x + b[-1]`` for the first two terms);
-        each count is a float32 product of +-1 and 0/1 entries, an exact integer."""
+        each count is an exact integer.  ``scaled(key, matrix, rows, j, alpha)`` gives ``alpha``
+        times the count of layer ``j``'s bits through ``matrix`` (``rows``: its transpose), a new
+        tensor; by default the dense product of ``b[j]``."""
+        if scaled is None:
+            def scaled(key, matrix, rows, j, alpha):
+                return count(matrix, b[j]).mul_(alpha)
         if k == n - 1:
-            a = drive.x.clone()
+            a = drive.x.clone() if n == 1 else None
         else:
-            a = count(drive.W[k], b[k + 1]).mul_(drive.alpha[k]).add_(drive.b[k])
+            a = scaled(("down", k), drive.W[k], drive.WT[k], k + 1, drive.alpha[k]).add_(drive.b[k])
         if k > 0:
-            a.add_(count(drive.WT[k - 1], b[k - 1]).mul_(drive.alpha[k - 1]))
+            up = scaled(("up", k), drive.WT[k - 1], drive.W[k - 1], k - 1, drive.alpha[k - 1])
+            a = torch.add(drive.x, up) if a is None else a.add_(up)
         return a
 
     def computeGradient(self, x, plus, minus, beta_span, batch=None):

@@ -12,13 +12,15 @@ import torch
 import torch.nn as nn
 
 from binary_ep.binary_optimizer import BinaryFlip, binarize_, current_alpha
+from binary_ep.activity import Activity
 from binary_ep import streams as cpu_streams
 
-Phase = namedtuple("Phase", "states last_step")
+Phase = namedtuple("Phase", "states last_step activity", defaults=(None,))
 Phase.__doc__ = """The result of one relaxation phase: ``states``, the final states (a list, the
 network's layout, output layer first), and ``last_step``, what the stepper used in the phase's
 last step that the gradient needs besides the states: a dict of lists of batch-first tensors
-(``Network_conv``: ``{"indices": [max-pool indices of each convolution]}``; fc: empty)."""
+(``Network_conv``: ``{"indices": [max-pool indices of each convolution]}``; fc: empty);
+``activity``: binary neurons, what the steps sent (``events.Activity``), else None."""
 
 
 class EPNetwork(nn.Module):
@@ -59,6 +61,7 @@ class EPNetwork(nn.Module):
 
     batch_dim = 0  # the batch dimension of the states and targets (fc: 1, its column layout)
     nudge_from_start = False  # the nudge's reference: the current output (else the phase's start)
+    activity_log = None  # an ``ActivityLog`` while training records what the phases sent
 
     def split_drive(self, drive, n):
         """``input_drive``'s constants for ``n`` consecutive shares of the batch (subclasses)."""
@@ -96,11 +99,15 @@ class EPNetwork(nn.Module):
         split across cores."""
         streams = self._streams(x.shape[0], x.device)
         if streams == 1:
-            return self._phases(x, target, betas)
-        xs = x.tensor_split(streams)
-        targets = self._cut(target, streams)
-        results = cpu_streams.in_streams(streams, lambda n: self._phases(xs[n], targets[n], betas))
-        return tuple(self._join(phase) for phase in zip(*results))
+            result = self._phases(x, target, betas)
+        else:
+            xs = x.tensor_split(streams)
+            targets = self._cut(target, streams)
+            results = cpu_streams.in_streams(streams, lambda n: self._phases(xs[n], targets[n], betas))
+            result = tuple(self._join(phase) for phase in zip(*results))
+        if self.activity_log is not None and result[0].activity is not None:
+            self.activity_log.add(result[0].activity, [p.activity for p in result[1:]])
+        return result
 
     def _phases(self, x, target, betas):
         drive = self.input_drive(x)
@@ -114,7 +121,7 @@ class EPNetwork(nn.Module):
         states = [torch.cat(parts, self.batch_dim) for parts in zip(*(p.states for p in phases))]
         last = {key: [torch.cat(parts, 0) for parts in zip(*(p.last_step[key] for p in phases))]
                 for key in phases[0].last_step}
-        return Phase(states, last)
+        return Phase(states, last, Activity.join([p.activity for p in phases]))
 
     def _cut(self, v, streams):
         if v is None:
@@ -137,13 +144,15 @@ class EPNetwork(nn.Module):
         spare = None if torch.is_grad_enabled() else [torch.empty_like(v) for v in s]
         record = {}
         ref = s[0].clone() if beta != 0 and self.nudge_from_start else None
+        events = getattr(drive, "events", None)  # binary neurons: what each step sends
+        activity = None if events is None else events.begin()
         for t in range(T):
             new = self.stepper(s, drive, target, beta, out=spare, record=record if t == T - 1 else None,
                                ref=ref)
             if spare is not None:
                 spare = s
             s = new
-        return Phase(s, record)
+        return Phase(s, record, activity)
 
     def updateWeights(self):
         """Flip/rescale the binary weights and take an SGD step on the biases from ``.grad``.

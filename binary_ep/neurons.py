@@ -12,6 +12,7 @@ weights, the flip rule, the phases and the estimators are the same for both.
 """
 
 import os
+import threading
 
 import torch
 
@@ -63,6 +64,11 @@ class BinaryNeurons:
         a cast on the CPU)."""
         return (s - self.rho_threshold).sign_().add_(1.0).clamp_(max=1.0)
 
+    def bits(self, s):
+        """The bits of ``send`` as a bool tensor: ``s >= rho_threshold`` (the float32 difference
+        ``s - rho_threshold`` is >= 0 exactly there)."""
+        return torch.ge(s, self.rho_threshold)
+
     def mask(self, s):
         """``rho'(s - rho_threshold)``: True where ``|s - rho_threshold| <= 0.5``."""
         return (s - self.rho_threshold).abs_() <= 0.5
@@ -94,13 +100,33 @@ def count_signs(w):
     return signs
 
 
-def count(a, b):
+def count(a, b, dtype=None):
     """``a @ b`` of a +-1 matrix from ``count_signs`` and a matrix of 0/1 bits (either order),
-    in the bits' float dtype: integer counts, exact whichever product computes them."""
+    in the bits' float dtype (``dtype`` when both are int8): integer counts, exact whichever
+    product computes them."""
     if a.dtype == torch.int8 or b.dtype == torch.int8:
-        dtype = b.dtype if a.dtype == torch.int8 else a.dtype
+        if dtype is None:
+            dtype = b.dtype if a.dtype == torch.int8 else a.dtype
         return _INT_MM(a.to(torch.int8), b.to(torch.int8)).to(dtype)
     return a @ b
+
+
+class PerUpdate:
+    """A value made from some weights once per weight update and shared by the CPU streams (the
+    sign matrices of the counts, their transposes, the counts of all-ones inputs): ``get(weights,
+    make)`` returns ``make()``'s value, made again when a weight changed (its storage or its
+    version counter, which every in-place change moves: flips, a learnt alpha, a load) or the
+    kind of count did (``EP_INT_COUNTS``)."""
+
+    def __init__(self):
+        self._key, self._value, self._lock = None, None, threading.Lock()
+
+    def get(self, weights, make):
+        key = tuple((w.data_ptr(), w._version) for w in weights) + (os.environ.get("EP_INT_COUNTS"),)
+        with self._lock:  # the streams of a batch ask at once: the first makes it
+            if key != self._key:
+                self._value, self._key = make(), key
+            return self._value
 
 
 def neuron_model(args):
