@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from binary_ep import distributed, signals
 from binary_ep.activations import class_scores, first_neuron_scores, one_hot
+from binary_ep.activity import ActivityLog
 
 
 class Diverged(Exception):
@@ -35,21 +36,33 @@ def train_epoch(net, loader, epoch, estimator, prepare):
     """One pass over ``loader``: ``estimator.compute_gradient`` (free phase, nudged phase,
     gradient), ``updateWeights``.  Returns a dict with ``train_error`` (%), ``train_loss`` (per
     sample), ``flips`` (per layer) and, for binary neurons, ``train_error_single`` (%, the
-    first output neuron of each class alone).
+    first output neuron of each class alone) and the activity of the training phases
+    (``ActivityLog.columns``: this process's, summed on the device, read once at the end).
 
     The EP estimate divides by the global batch (``loader.global_sizes``, when the loader yields
     shares of global batches); the ranks' gradients are then added up (``Replicas.combine``).
     The error, the loss, the divergence checks and the stop requests of a batch stay on the
     device, are summed over the ranks and read together, once per batch (a GPU waits for the
     host once per batch, not once per quantity)."""
-    device = next(net.parameters()).device
-    replicas = distributed.current()
-    sizes = getattr(loader, "global_sizes", None)
     net.set_epoch(epoch)
     if hasattr(loader, "set_epoch"):  # seeded per-sample augmentation (CIFAR-10)
         loader.set_epoch(epoch)
+    flips = torch.zeros(len(net.layer_names), dtype=torch.float64, device=next(net.parameters()).device)
+    log = net.activity_log = ActivityLog() if net.neurons.binary else None
+    try:
+        n_seen, totals = _train_batches(net, loader, epoch, estimator, prepare, flips)
+    finally:
+        net.activity_log = None
+    out = {**_rates("train", totals, n_seen), "flips": flips.tolist()}
+    return out if log is None else {**out, **log.columns(net.layer_names)}
+
+
+def _train_batches(net, loader, epoch, estimator, prepare, flips):
+    """``train_epoch``'s pass over the batches: returns (samples seen, summed scores)."""
+    device = next(net.parameters()).device
+    replicas = distributed.current()
+    sizes = getattr(loader, "global_sizes", None)
     n_seen, totals = 0, None
-    flips = torch.zeros(len(net.layer_names), dtype=torch.float64, device=device)
     bar = _progress(loader, f"epoch {epoch} train", len(loader))
     with torch.no_grad():
         for number, (x, labels) in enumerate(bar, 1):
@@ -75,7 +88,7 @@ def train_epoch(net, loader, epoch, estimator, prepare):
             totals = read["scores"] if totals is None else [t + v for t, v in zip(totals, read["scores"])]
             bar.set_postfix(error=f"{100 * totals[0] / n_seen:.2f}%", loss=f"{totals[1] / n_seen:.4f}",
                             refresh=False)
-    return {**_rates("train", totals, n_seen), "flips": flips.tolist()}
+    return n_seen, totals
 
 
 class Readback:

@@ -14,6 +14,7 @@ import sys
 import pandas as pd
 
 from binary_ep import checkpoint, resume
+from binary_ep.activity import activity_columns
 from binary_ep.files import atomic_write, lock_run_folder, stage, write_text
 from binary_ep.files import reason_of
 from binary_ep.signals import critical
@@ -179,11 +180,13 @@ def recorded_differences(path, values, names):
 
 def result_columns(layer_names, single=False):
     """Columns of ``results.csv`` (index: ``epoch``, 1-based) for layers named ``layer_names``;
-    ``single`` (binary neurons): the errors of the first output neuron of each class alone too."""
+    ``single`` (binary neurons): the errors of the first output neuron of each class alone too,
+    and the activity of the training phases (``activity.activity_columns``)."""
     return (["train_error", "test_error"] + (["train_error_single", "test_error_single"] if single else [])
             + ["train_loss", "test_loss"]
             + [f"flips_{n}" for n in layer_names] + [f"fliprate_{n}" for n in layer_names]
-            + [f"alpha_{n}" for n in layer_names] + ["epoch_seconds"])
+            + [f"alpha_{n}" for n in layer_names] + (activity_columns(layer_names) if single else [])
+            + ["epoch_seconds"])
 
 
 def init_results(path, layer_names, single=False):
