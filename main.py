@@ -329,7 +329,7 @@ def run(args, argv, parser, state):
     from binary_ep.run_folder import open_run
     _, tools = architecture(args.archi)
     signals.check()  # a signal whose exception an import dropped
-    replicas = distributed.start(parser, args)  # None: a rank with nothing to do (--check, --export)
+    replicas = distributed.start(parser, args, state)  # None: a rank with nothing to do (--check, --export)
     if replicas is None:
         return 0
     if args.export:
@@ -349,7 +349,8 @@ def run(args, argv, parser, state):
         return check_command(args, argv, net, tools, train_loader)
     estimator = make_estimator(args, generators["beta"])
     state.root = root
-    state.path, state.done, df = replicas.on_root(lambda: open_run(args, argv, net, tools, generators))
+    state.path, state.done, df = replicas.on_root(
+        lambda: open_run(args, argv, net, tools, generators, made=lambda p: setattr(state, "path", p)))
     state.start = state.done
     if args.resume and not root:
         checkpoint.load_checkpoint(state.path, net, generators)

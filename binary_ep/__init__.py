@@ -21,6 +21,10 @@ One module per job (imports point one way: this package knows no concrete networ
 * ``cpu_kernels``: compiled CPU kernels of the conv relaxation (C source beside its loader);
 * ``distributed``: data-parallel training on torch.distributed (torchrun): shares, the gradient
   exchange, rank 0's outcomes, stopping together, lost ranks;
+* ``heartbeat``: each rank's heartbeat in the launcher's store, naming lost ranks and ending a
+  rank that a hung peer blocks;
+* ``device``: the device of a run, why CUDA is unusable, float32 (no TF32) and cuDNN's
+  deterministic algorithms;
 * ``log_stream``: stdout/stderr that fall silent when their reader leaves, instead of ending
   the run;
 * ``export`` / ``model_file`` / ``numpy_reference``: the 1-bit model file, its NumPy reader

@@ -268,13 +268,16 @@ def update_results(path, df, epoch, train, test, net, seconds):
     return df
 
 
-def open_run(args, argv, net, tools, generators):
+def open_run(args, argv, net, tools, generators, made=None):
     """A new run folder (``new_run_folder``) or ``--resume``'s: its checkpoint loaded into
     ``net`` and ``generators``, its results so far read back, the resume's note staged for
     Hyperparameters.txt (it lands with the first epoch this process saves, so a resume that
-    cannot go on changes nothing).  Returns ``(S-<n> folder, epochs done, results dataframe)``."""
+    cannot go on changes nothing).  ``made(path)`` is told a new folder as soon as it exists.
+    Returns ``(S-<n> folder, epochs done, results dataframe)``."""
     if not args.resume:
         path = new_run_folder(args, argv, tools)
+        if made is not None:  # the caller knows its folder before anything else can go wrong
+            made(path)
         print(f"run folder: {path}", file=sys.stderr)
         return path, 0, tools.initDataframe(path, net)
     path = args.resume

@@ -334,3 +334,15 @@ def test_a_signal_while_an_epoch_is_renamed_into_place_keeps_that_epoch(epoch, t
     assert line == (f"interrupted (SIGINT) after epoch {epoch}; {kept}; continue with: python main.py "
                     f"--resume {folder}"), line
     assert torch.load(folder / "checkpoint.pt", weights_only=False)["epoch"] == epoch
+
+
+def test_a_failure_before_the_new_folder_reaches_the_run_still_removes_it(tmp_path, monkeypatch, capsys):
+    """A peer lost while rank 0's open_run is still returning (its broadcast fails): the folder
+    it had just made is known, removed and named."""
+    monkeypatch.setattr(Tools_fc, "initDataframe",
+                        _raise(distributed.StopAll("rank 1 was lost (its process ended); rank 0 stops too")))
+    capsys.readouterr()
+    assert main.main(QUICK + ["--epochs", "2", "--outDir", str(tmp_path)]) == 6
+    line = only_line(capsys.readouterr().err)
+    assert "nothing to resume" in line and "removed" in line, line
+    assert list(tmp_path.glob("DATA-0-fc-digits/*/S-*")) == []
