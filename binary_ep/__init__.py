@@ -9,6 +9,9 @@ One module per job (imports point one way: this package knows no concrete networ
 * ``binary_optimizer``: the flip rule (``BinaryFlip``) and the scaling factors alpha;
 * ``streams``: single-threaded CPU workers that relax shares of a batch side by side;
 * ``network``: ``EPNetwork``, the relaxation and the phases on top of a network's ``stepper``;
+* ``neurons``: the neuron models (rate, binary) and the integer counts of bits;
+* ``events`` / ``activity``: binary neurons' event-driven counts and their activity statistics;
+* ``limits`` / ``memory``: the range of every numeric flag, and the memory a network needs;
 * ``estimators``: gradient estimators behind one ``compute_gradient`` (EP variants, BPTT);
 * ``gdu_check``: the EP-versus-BPTT gradient check (``--check gdu``);
 * ``loops``: the training and test loops of one epoch;
