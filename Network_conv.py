@@ -258,11 +258,14 @@ class Network_conv(EPNetwork):
         # a lower convolution to the one above it (``Events.conv_counts``)
         sent = [events.send(k, neurons.bits(v), 0, k <= nf) for k, v in enumerate(s)]
         new = []
+        dtype = s[0].dtype
         for k, layer in enumerate(self.fc):
             rows = c.fc_t[k] if k + 1 < nf else c.fc_top_t
-            a = events.product(("down", k), sent[k + 1], rows, c.first[("down", k)], c.fc_alpha[k]).add_(layer.bias)
+            a = torch.addcmul(layer.bias, events.product(("down", k), sent[k + 1], rows, c.first[("down", k)], dtype),
+                              c.fc_alpha[k])
             if k > 0:
-                a.add_(events.product(("up", k), sent[k - 1], c.fc[k - 1], c.first[("up", k)], c.fc_alpha[k - 1]))
+                a.addcmul_(events.product(("up", k), sent[k - 1], c.fc[k - 1], c.first[("up", k)], dtype),
+                           c.fc_alpha[k - 1])
             diff = target - (s[0] if ref is None else ref) if k == 0 and beta != 0 else None
             new.append(neurons.update(s[k], a, diff, beta))
         indices = None
@@ -272,7 +275,8 @@ class Network_conv(EPNetwork):
             else:
                 pooled, next_indices = drive.pooled, drive.indices
             if i == 0:
-                flat = events.product(("top",), sent[nf - 1], c.fc_top, c.first[("top",)], c.fc_alpha[nf - 1])
+                flat = torch.mul(events.product(("top",), sent[nf - 1], c.fc_top, c.first[("top",)], dtype),
+                                 c.fc_alpha[nf - 1])
                 _, ch, h, w = s[nf].shape
                 feedback = flat.view(-1, h, w, ch).permute(0, 3, 1, 2)
             else:

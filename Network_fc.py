@@ -16,7 +16,7 @@ from binary_ep.activations import one_hot
 from binary_ep.binary_optimizer import current_alpha
 from binary_ep.events import Events, event_driven
 from binary_ep.network import EPNetwork
-from binary_ep.neurons import PerUpdate, count, count_signs, neuron_model
+from binary_ep.neurons import count, neuron_model, outer_count
 
 
 FcConstants = namedtuple("FcConstants", "x W WT b alpha first events")
@@ -51,7 +51,6 @@ class Network_fc(EPNetwork):
         # learnt alpha: the original fc class scales its alpha estimate by 0.5 (DESIGN.md section 4)
         self._setup_optimizers(args, [l.weight for l in self.W], [l.bias for l in self.W], names,
                                [False] * len(self.W), alpha_scale=0.5)
-        self._signs = PerUpdate()  # binary neurons: the sign matrices, made once per weight update
 
     def target(self, labels):
         """One-hot targets in {0, 1}, each class's entry repeated ``expand_output`` (E) times,
@@ -76,7 +75,7 @@ class Network_fc(EPNetwork):
         drive = torch.addmm(layer.bias.unsqueeze(1), layer.weight, x.t())
         biases = [l.bias.unsqueeze(1) for l in self.W]
         if self.neurons.binary:
-            W, WT, alpha, first = self._signs.get([l.weight for l in self.W], self._sign_constants)
+            W, WT, alpha, first = self._sign_constants()
             return FcConstants(drive, W, WT, biases, alpha, first, Events(event_driven(x.device)))
         weights = [l.weight for l in self.W]
         return FcConstants(drive, weights, [w.t().contiguous() for w in weights[:-1]], biases, None, None, None)
@@ -84,16 +83,12 @@ class Network_fc(EPNetwork):
     def _sign_constants(self):
         """Binary neurons read bits: the sign matrices of all but the input layer (with the
         input layer's weight, which reads x), their transposes, alpha and the counts of all-ones
-        inputs (``FcConstants``)."""
-        weights = [l.weight.detach() for l in self.W]
-        alpha = [current_alpha(w, False) for w in weights]
-        W = [count_signs(w) for w in weights[:-1]] + weights[-1:]
-        WT = [w.t().contiguous() for w in W[:-1]]
-        first, dtype = {}, weights[0].dtype
-        for k in range(len(W) - 1):
-            first[("down", k)] = count(W[k], W[k].new_ones(W[k].shape[1], 1), dtype)[:, 0]
-            first[("up", k + 1)] = count(WT[k], WT[k].new_ones(WT[k].shape[1], 1), dtype)[:, 0]
-        return W, WT, alpha, first
+        inputs (``FcConstants``; ``self.signs`` keeps them from one weight update to the next)."""
+        signs = [self.signs.get(l.weight) for l in self.W[:-1]]
+        first = {("down", k): m.rows for k, m in enumerate(signs)}
+        first.update({("up", k + 1): m.cols for k, m in enumerate(signs)})
+        return ([m.S for m in signs] + [self.W[-1].weight], [m.ST for m in signs],
+                [current_alpha(l.weight, False) for l in self.W], first)
 
     def split_drive(self, drive, n):
         events = drive.events
@@ -142,35 +137,35 @@ class Network_fc(EPNetwork):
         n, neurons, events = len(s), self.neurons, drive.events
         sent = [events.send(k, neurons.bits(v), 1) for k, v in enumerate(s)]
 
-        def scaled(key, matrix, rows, j, alpha):
-            return events.product(key, sent[j], rows, drive.first[key], alpha, matrix)
+        def counts(key, matrix, rows, j):
+            return events.product(key, sent[j], rows, drive.first[key], s[0].dtype, matrix)
         new = []
         for k in range(n):
-            a = self._counted_input(drive, None, k, n, scaled)
+            a = self._counted_input(drive, None, k, n, counts)
             diff = target - (s[0] if ref is None else ref) if k == 0 and beta != 0 else None
             new.append(neurons.update(s[k], a, diff, beta))
         return new
 
     @staticmethod
-    def _counted_input(drive, b, k, n, scaled=None):
+    def _counted_input(drive, b, k, n, counts=None):
         """The input of layer ``k`` from the bits ``b`` of its neighbours (floats), (n_k, B)::
 
             alpha_k count(sign(W[k]) b[k+1]) + b[k] + alpha_{k-1} count(sign(W[k-1])^T b[k-1])
 
         (the bottom hidden layer: the input drive ``W[-1] x + b[-1]`` for the first two terms);
-        each count is an exact integer.  ``scaled(key, matrix, rows, j, alpha)`` gives ``alpha``
-        times the count of layer ``j``'s bits through ``matrix`` (``rows``: its transpose), a new
-        tensor; by default the dense product of ``b[j]``."""
-        if scaled is None:
-            def scaled(key, matrix, rows, j, alpha):
-                return count(matrix, b[j]).mul_(alpha)
+        each count is an exact integer, each term added as ``addcmul`` adds it.  ``counts(key,
+        matrix, rows, j)`` gives the count of layer ``j``'s bits through ``matrix`` (``rows``: its
+        transpose), read only; by default the dense product of ``b[j]``."""
+        if counts is None:
+            def counts(key, matrix, rows, j):
+                return count(matrix, b[j])
         if k == n - 1:
-            a = drive.x.clone() if n == 1 else None
+            a = drive.x if n > 1 else drive.x.clone()
         else:
-            a = scaled(("down", k), drive.W[k], drive.WT[k], k + 1, drive.alpha[k]).add_(drive.b[k])
+            a = torch.addcmul(drive.b[k], counts(("down", k), drive.W[k], drive.WT[k], k + 1), drive.alpha[k])
         if k > 0:
-            up = scaled(("up", k), drive.WT[k - 1], drive.W[k - 1], k - 1, drive.alpha[k - 1])
-            a = torch.add(drive.x, up) if a is None else a.add_(up)
+            up = counts(("up", k), drive.WT[k - 1], drive.W[k - 1], k - 1)
+            a = torch.addcmul(a, up, drive.alpha[k - 1]) if k == n - 1 else a.addcmul_(up, drive.alpha[k - 1])
         return a
 
     def computeGradient(self, x, plus, minus, beta_span, batch=None):
@@ -181,7 +176,8 @@ class Network_fc(EPNetwork):
 
         with ``plus``/``minus`` the ``Phase`` of the nudged/free states (one-sided, ``beta_span =
         beta``) or of the +beta and -beta nudged states (symmetric, ``beta_span = 2 beta``), and
-        for binary neurons their bits ``H(s - rho_threshold)`` in place of ``s``; ``x``
+        for binary neurons their bits ``H(s - rho_threshold)`` in place of ``s`` (the difference
+        of products then one exact integer product, ``neurons.outer_count``); ``x``
         is (b, n_input), the samples of this process; B is ``batch`` (the global mini-batch of a
         data-parallel run, whose ranks add up their sums; default b).  The input layer's is
         ``(s_+[L-2] - s_-[L-2]) x``, one product, handed to the flip optimizer as its two factors
@@ -201,6 +197,9 @@ class Network_fc(EPNetwork):
             else:
                 if w.grad is None:
                     w.grad = torch.empty_like(w)
-                torch.addmm(w.grad, s_plus[k], s_plus[k + 1].t(), beta=0, alpha=-c, out=w.grad)
-                w.grad.addmm_(s_minus[k], s_minus[k + 1].t(), alpha=c)
+                if self.neurons.binary:  # products of bits: one integer product
+                    outer_count(s_plus[k], s_minus[k], s_plus[k + 1], s_minus[k + 1], -c, w.grad)
+                else:
+                    torch.addmm(w.grad, s_plus[k], s_plus[k + 1].t(), beta=0, alpha=-c, out=w.grad)
+                    w.grad.addmm_(s_minus[k], s_minus[k + 1].t(), alpha=c)
             torch.sum(diff, 1, out=b.grad).mul_(-c)

@@ -31,13 +31,12 @@ class Activity:
 
     def add(self, k, sent):
         """Add what layer ``k`` sent at one step (an ``events.Sent``)."""
-        flat, dim = sent.flat, sent.batch_dim
         if k not in self.active:
             self.active[k] = self.changed[k] = 0
             self.union[k], self.samples[k], self.event[k], self.steps[k] = [], 0, 0, 0
-            self.units[k] = flat.shape[1 - dim]
-        self.active[k] = self.active[k] + flat.sum()
-        self.changed[k] = self.changed[k] + sent.changed.sum()
+            self.units[k] = sent.flat.shape[1 - sent.batch_dim]
+        self.active[k] = self.active[k] + sent.n_active
+        self.changed[k] = self.changed[k] + sent.n_changed
         self.union[k].append(sent.union)
         self.samples[k] += sent.batch
         self.steps[k] += 1

@@ -25,7 +25,7 @@ import torch
 
 from binary_ep import cpu_kernels
 from binary_ep.activity import Activity
-from binary_ep.neurons import count
+from binary_ep.neurons import INT_COUNTS, count
 
 # A layer's products are brought up to date from its changes where at most this fraction of its
 # outputs changed in some sample of the stream's share of the batch (the union: the rows of the
@@ -53,18 +53,33 @@ def flat_view(bits, batch_dim):
     return bits
 
 
+def unit_counts(mask, batch_dim):
+    """For each output of a flat bool ``mask`` (``flat_view``), in how many samples it is set:
+    (n,) integers, as an integer product with ones on a CPU that has them (there a reduction
+    over the short batch dimension is several times slower), else a sum."""
+    if mask.device.type != "cpu" or not INT_COUNTS or mask.shape[batch_dim] == 0:
+        return mask.sum(batch_dim)
+    ones = torch.ones((mask.shape[batch_dim], 1) if batch_dim == 1 else (1, mask.shape[0]), dtype=torch.int8)
+    counted = count(mask.view(torch.int8), ones, torch.int32) if batch_dim == 1 else \
+        count(ones, mask.view(torch.int8), torch.int32)
+    return counted.view(-1)
+
+
 class Sent:
     """What one layer sends at one step of a stream: ``bits`` (bool, the layer's shape), ``flat``
     (``flat_view``), ``prev`` (like ``flat``: what it sent at its previous step), ``changed``
     (``flat != prev``), ``union`` (its outputs that changed in some sample), ``event``: whether
     its products are brought up to date from the changes."""
 
-    __slots__ = ("bits", "flat", "prev", "batch_dim", "changed", "union", "event", "_float", "_delta")
+    __slots__ = ("bits", "flat", "prev", "batch_dim", "changed", "union", "n_changed", "n_active", "event",
+                 "_float", "_delta")
 
     def __init__(self, bits, flat, prev, batch_dim):
         self.bits, self.flat, self.prev, self.batch_dim = bits, flat, prev, batch_dim
         self.changed = flat ^ prev
-        self.union = self.changed.any(batch_dim)
+        per_unit = unit_counts(self.changed, batch_dim)
+        self.union, self.n_changed = per_unit > 0, per_unit.sum()
+        self.n_active = unit_counts(flat, batch_dim).sum()
         self.event, self._float, self._delta = False, None, None
 
     @property
@@ -129,19 +144,18 @@ class Events:
                 self.activity.event[k] += sent.batch
         return sent
 
-    def product(self, key, sent, rows, first, alpha, matrix=None):
-        """``alpha`` times the count of ``sent``'s bits through a sign matrix, a new tensor:
-        feature-major ``count(matrix, bits)`` (n_r, B) when ``matrix`` (n_r, n_s) is given,
-        else batch-first ``count(bits, rows)`` (B, n_r).  ``rows`` (n_s, n_r): row i is what
-        input i adds; ``first`` (n_r,): the count of all-ones inputs; ``key`` names the product
-        (its count is kept here from step to step, in the result's layout)."""
-        dtype = alpha.dtype
+    def product(self, key, sent, rows, first, dtype, matrix=None):
+        """The count of ``sent``'s bits through a sign matrix, in ``dtype``: feature-major
+        ``count(matrix, bits)`` (n_r, B) when ``matrix`` (n_r, n_s) is given, else batch-first
+        ``count(bits, rows)`` (B, n_r).  ``rows`` (n_s, n_r): row i is what input i adds;
+        ``first`` (n_r,): the count of all-ones inputs; ``key`` names the product (its count is
+        kept here from step to step).  The result is this object's: read it, do not change it."""
         if not sent.event:
             dense = count(matrix, sent.operand(matrix, dtype), dtype) if matrix is not None else \
                 count(sent.operand(rows, dtype), rows, dtype)
             if self.event_driven:  # the count the next steps start from
-                self.linear[key] = dense.clone()
-            return dense.mul_(alpha)
+                self.linear[key] = dense
+            return dense
         acc = self.linear.get(key)
         if acc is None:  # the inputs sent all ones so far
             first = first.to(dtype)
@@ -151,7 +165,7 @@ class Events:
         if units.numel():  # the rows of the inputs that changed, +1 turned on, -1 turned off
             chosen = rows.index_select(0, units)
             acc.add_(count(chosen.t(), change, dtype) if matrix is not None else count(change, chosen, dtype))
-        return torch.mul(acc, alpha)
+        return acc
 
     def conv_counts(self, key, k, sent, flipped, first, padding, dense):
         """The count ``conv2d(bits, sign W)`` of a convolution reading layer ``k``'s ``sent``

@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from binary_ep.binary_optimizer import BinaryFlip, binarize_, current_alpha
 from binary_ep.activity import Activity
+from binary_ep.signs import SignCache
 from binary_ep import streams as cpu_streams
 
 Phase = namedtuple("Phase", "states last_step activity", defaults=(None,))
@@ -58,6 +59,7 @@ class EPNetwork(nn.Module):
         self.optW = BinaryFlip(groups)
         self.optB = torch.optim.SGD([{"params": [b], "lr": args.lrBias[k]}
                                      for k, b in enumerate(biases)], lr=args.lrBias[0])
+        self.signs = SignCache()  # binary neurons: the sign matrices their counts multiply
 
     batch_dim = 0  # the batch dimension of the states and targets (fc: 1, its column layout)
     nudge_from_start = False  # the nudge's reference: the current output (else the phase's start)
@@ -157,8 +159,11 @@ class EPNetwork(nn.Module):
     def updateWeights(self):
         """Flip/rescale the binary weights and take an SGD step on the biases from ``.grad``.
         Returns the number of flips per layer (tensors)."""
+        weights = self.binary_weights()
+        before = [w._version for w in weights]
         flips = self.optW.step()
         self.optB.step()
+        self.signs.stepped(weights, before, flips)  # the sign matrices in use follow the flips
         return flips
 
     # -- helpers shared by the estimators and the loops ----------------------------------------

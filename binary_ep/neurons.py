@@ -17,6 +17,7 @@ import threading
 import torch
 
 from binary_ep.activations import rho
+from binary_ep.streams import in_streams
 
 
 class RateNeurons:
@@ -89,13 +90,14 @@ class BinaryNeurons:
 # than float32 for the counts of binary neurons, and exact like them.  A private torch function,
 # so looked up, never required; EP_INT_COUNTS=0 turns it off (the same results either way).
 _INT_MM = getattr(torch, "_int_mm", None)
+INT_COUNTS = _INT_MM is not None  # (on the CPU)
 
 
 def count_signs(w):
     """The +-1 matrix ``sign(w)`` of a 2-D weight as ``count`` wants it: int8 on a CPU with
     integer products, else in ``w``'s dtype."""
     signs = torch.sign(w)
-    if _INT_MM is not None and w.device.type == "cpu" and os.environ.get("EP_INT_COUNTS") != "0":
+    if INT_COUNTS and w.device.type == "cpu" and os.environ.get("EP_INT_COUNTS") != "0":
         return signs.to(torch.int8)
     return signs
 
@@ -109,6 +111,34 @@ def count(a, b, dtype=None):
             dtype = b.dtype if a.dtype == torch.int8 else a.dtype
         return _INT_MM(a.to(torch.int8), b.to(torch.int8)).to(dtype)
     return a @ b
+
+
+OUTER_BLOCK_ELEMENTS = 1 << 18  # gradient entries per block of ``outer_count`` (in cache)
+
+
+def outer_count(plus, minus, plus_next, minus_next, scale, out):
+    """``out = scale (plus plus_next^T - minus minus_next^T)`` for bit matrices (0/1 floats)
+    ``plus``/``minus`` (n, B) and ``plus_next``/``minus_next`` (m, B), ``out`` (n, m): the EP
+    gradient of a layer of binary neurons.  The difference is one integer product with 2B
+    inputs (``[plus minus] [plus_next -minus_next]^T``: exact), multiplied by ``scale`` once;
+    on a CPU block of rows by block, the blocks shared among the CPU streams."""
+    a = torch.cat([plus, minus], 1)
+    b = torch.cat([plus_next, minus_next.neg()], 1).t()
+    if _INT_MM is None or out.device.type != "cpu" or os.environ.get("EP_INT_COUNTS") == "0":
+        return torch.mul(a @ b, scale, out=out)
+    a, b = a.to(torch.int8), b.to(torch.int8)
+    rows = max(1, OUTER_BLOCK_ELEMENTS // max(1, out.shape[1]))
+    starts = list(range(0, out.shape[0], rows))
+    streams = max(1, min(torch.get_num_threads(), len(starts)))
+
+    def run(stream):
+        for r in starts[stream::streams]:
+            torch.mul(_INT_MM(a[r:r + rows], b), scale, out=out[r:r + rows])
+    if streams > 1:
+        in_streams(streams, run)
+    else:
+        run(0)
+    return out
 
 
 class PerUpdate:

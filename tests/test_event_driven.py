@@ -76,9 +76,9 @@ def bit_sequence(shape, steps, rates, seed):
 def test_a_counted_product_kept_from_the_changes_equals_the_dense_count(batch, feature_major, monkeypatch):
     """``Events.product`` over 12 steps of bits changing 0 %, 0.5 % ... 60 % between steps (some
     steps from the changes, some dense, in every order), both layouts, a batch of 1 (where a
-    transposed or expanded tensor is no copy): alpha times the dense count, bit for bit, each
-    step from the changes where at most ``MAX_UNION`` of the outputs changed in some sample;
-    the all-ones counts it started from stay as they were."""
+    transposed or expanded tensor is no copy): the dense count, bit for bit, each step from
+    the changes where at most ``MAX_UNION`` of the outputs changed in some sample; the
+    all-ones counts it started from stay as they were."""
     monkeypatch.setattr(events, "MAX_UNION", 0.1)
     g = torch.Generator().manual_seed(1)
     w = torch.randn(37, 53, generator=g)  # 53 inputs, 37 outputs
@@ -86,15 +86,14 @@ def test_a_counted_product_kept_from_the_changes_equals_the_dense_count(batch, f
     matrix, rows = (signs, signs.t().contiguous()) if feature_major else (None, signs.t().contiguous())
     first = count(signs, torch.ones(53, 1), torch.float32)[:, 0]
     kept = first.clone()
-    alpha = torch.tensor([[0.037]])
     shape = (53, batch) if feature_major else (batch, 53)
     ev = events.Events(True)
     modes = []
     for bits in bit_sequence(shape, 12, [0.0, 0.005, 0.03, 0.6, 0.0, 0.01], seed=batch):
         sent = ev.send(0, bits, 1 if feature_major else 0)
-        got = ev.product("p", sent, rows, first, alpha, matrix)
+        got = ev.product("p", sent, rows, first, torch.float32, matrix)
         dense = (signs.float() @ bits.float()) if feature_major else bits.float() @ signs.float().t()
-        assert torch.equal(got, dense * alpha) and got.is_contiguous()
+        assert torch.equal(got, dense) and got.is_contiguous()
         modes.append(sent.event)
         assert sent.event == (int(sent.changed.any(1 if feature_major else 0).sum()) <= 0.1 * 53)
     assert True in modes[1:] and False in modes and modes[0]  # the first step: no change at all
@@ -174,14 +173,14 @@ def test_the_first_step_from_the_initial_states_reads_no_input():
         phase = net._relax(net.initHidden(4), drive, 1)
     assert [int(phase.activity.changed[k]) for k in (0, 1)] == [0, 0]
     assert phase.activity.event == {0: 4, 1: 4}  # from the changes (there are none)
-    assert net.input_drive(x).first is drive.first
+    assert net.input_drive(x).first[("up", 1)] is drive.first[("up", 1)]
     assert torch.equal(drive.first[("down", 0)], net.W[0].weight.sign().sum(1))
 
 
-def test_the_dense_path_reads_the_device_once_per_batch(monkeypatch):
-    """With ``EP_EVENT_DRIVEN=0`` (what CUDA runs) a binary-neuron epoch of 4 batches reads tensor
-    values into Python once per batch, once for the flips and once for the epoch's activity: the
-    statistics cost no read per step."""
+def test_the_dense_path_reads_nothing_while_relaxing(monkeypatch):
+    """With ``EP_EVENT_DRIVEN=0`` (what CUDA runs) no tensor value reaches Python while a
+    binary-neuron epoch of 4 batches relaxes (``phases``: the statistics are summed as tensors),
+    and the epoch's activity is read at its end, once."""
     monkeypatch.setenv("EP_EVENT_DRIVEN", "0")
     args = main.parse(with_flags(FC1H, layersList="64 40 20", expand_output=2, dataset="digits",
                                  T=6, Kmax=3, outDir="/tmp"))[1]
@@ -190,12 +189,21 @@ def test_the_dense_path_reads_the_device_once_per_batch(monkeypatch):
     from binary_ep.estimators import EP
     (xtr, ytr), _ = load_digits_split()
     batches = TensorBatches(xtr[:64].flatten(1), ytr[:64], 16, False)
-    reads = []
+    reads, where = [], {"now": None}
     for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "numpy"):
         original = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name: (reads.append(_n), _o(self, *a))[1])
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name: (reads.append((where["now"], _n)), _o(self, *a))[1])
+    for owner, name, label in ((net, "phases", "relaxing"), (ActivityLog, "columns", "activity")):
+        def counted(*a, _f=getattr(owner, name), _label=label, **k):
+            where["now"] = _label
+            try:
+                return _f(*a, **k)
+            finally:
+                where["now"] = None
+        monkeypatch.setattr(owner, name, counted)
     result = loops.train_epoch(net, batches, 1, EP(args.beta), lambda n, x: x)
-    assert len(reads) == 4 + 1 + 1, reads
+    assert [r for r in reads if r[0] == "relaxing"] == []
+    assert [r for r in reads if r[0] == "activity"] == [("activity", "tolist")]
     assert set(activity_columns(net.layer_names)) <= set(result)
     assert result["incremental_free_fc1"] == 0.0 and 0 < result["active_free_fc1"] < 100
 
@@ -307,3 +315,41 @@ def test_conv_line_event_driven_equals_dense(data_dir, tmp_path, monkeypatch):
     argv = with_flags(CONV, convList="32 16 1", T=30, Kmax=10, trainSubset=64, testSubset=64, epochs=1,
                       dataDir=data_dir)
     assert_same_runs(*event_and_dense(argv, tmp_path, monkeypatch), ["fc0", "conv0", "conv1"])
+
+
+@pytest.mark.parametrize("patch_max", [1.0, 0.0])
+def test_the_sign_matrices_follow_the_flips(patch_max, monkeypatch):
+    """After ``updateWeights`` the cached sign matrices (``signs.SignCache``) equal ones made
+    anew from the weights, with their counts of all-ones inputs (tens of flips per batch here,
+    a learnt alpha rescaling every weight): the same tensors, patched where the flip rule
+    flipped, where few flipped (``PATCH_MAX`` 1), else made anew (``PATCH_MAX`` 0); a weight
+    changed by anything else is made anew."""
+    from binary_ep import signs
+    monkeypatch.setattr(signs, "PATCH_MAX", patch_max)
+    args = main.parse(with_flags(FC1H, layersList="64 48 32 20", expand_output=2, dataset="digits", T=4, Kmax=2,
+                                 gamma="0.5 0.5 0.5", gradThreshold="1e-9 1e-9 1e-9", lrBias="1e-3 1e-3 1e-3",
+                                 learnAlpha=1, lrAlpha="1e-2 1e-2 1e-2", outDir="/tmp"))[1]
+    torch.manual_seed(7)
+    net = main.build_network(args)
+    g = torch.Generator().manual_seed(6)
+    weights = [layer.weight for layer in net.W[:-1]]
+    kept = [net.signs.get(w) for w in weights]
+    tensors = [(m.S, m.ST, m.rows, m.cols) for m in kept]
+    flipped = []
+    with torch.no_grad():
+        for _ in range(3):
+            x = torch.rand(16, 64, generator=g)
+            free, nudged = net.phases(x, net.target(torch.randint(0, 10, (16,), generator=g)), (2.0,))
+            net.computeGradient(x, nudged, free, 2.0)
+            flipped.append([int(f) for f in net.updateWeights()[:-1]])
+    assert all(sum(f) > 10 for f in zip(*flipped)), flipped
+    for w, m, old in zip(weights, kept, tensors):
+        now = net.signs.get(w)
+        assert (now is m and all(a is b for a, b in zip((m.S, m.ST, m.rows, m.cols), old))) == (patch_max == 1.0)
+        fresh = signs.SignMatrix(w)
+        assert all(torch.equal(a, b) for a, b in zip((now.S, now.ST, now.rows, now.cols),
+                                                     (fresh.S, fresh.ST, fresh.rows, fresh.cols)))
+    m = net.signs.get(weights[0])
+    with torch.no_grad():
+        weights[0][0, 0] *= -1  # not the flip rule: made anew
+    assert net.signs.get(weights[0]) is not m and int(net.signs.get(weights[0]).S[0, 0]) == -int(m.S[0, 0])
