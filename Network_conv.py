@@ -107,7 +107,7 @@ class Network_conv(EPNetwork):
         names = [f"fc{k}" for k in range(len(self.fc))] + [g.name for g in self.geometry]
         self._setup_optimizers(args, [l.weight for l in layers], [l.bias for l in layers], names,
                                [False] * len(self.fc) + [True] * len(self.conv), alpha_scale=1.0)
-        self._signs = PerUpdate()  # binary neurons: ``Counted``, made once per weight update
+        self._counted_now = PerUpdate()  # binary neurons: ``Counted``, made once per weight update
         if self.neurons.binary:  # the original's conv bin_W_N: biases at 0, filters at 2 gamma N(0, 1)
             with torch.no_grad():
                 for layer in layers:
@@ -163,7 +163,7 @@ class Network_conv(EPNetwork):
         pooled, indices = (t.contiguous(memory_format=self.layout) for t in (pooled, indices))
         counted = events = None
         if self.neurons.binary:
-            counted = self._signs.get([l.weight for l in list(self.fc) + list(self.conv)], self._counted)
+            counted = self._counted_now.get([l.weight for l in list(self.fc) + list(self.conv)], self._counted)
             events = Events(event_driven(x.device))
         return ConvDrive(pooled, indices, conv_w, fc_top, {}, counted, events)
 

@@ -85,7 +85,9 @@ class ActivityLog:
         of each layer's outputs that were active, that changed (per sample; as the union over
         the batch), and the share of its sample-steps computed from the changes."""
         keys = sorted(self.sums)
-        flat = [torch.as_tensor(v).reshape(()) for key in keys for v in self.sums[key]]
+        sums = [v for key in keys for v in self.sums[key]]
+        device = next((v.device for v in sums if torch.is_tensor(v)), None)
+        flat = [torch.as_tensor(v, device=device).reshape(()) for v in sums]
         values = torch.stack(flat).tolist() if flat else []  # the one read
         out = {c: 0.0 for c in activity_columns(layer_names)}
         for i, (phase, k) in enumerate(keys):

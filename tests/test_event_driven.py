@@ -6,7 +6,9 @@ columns show that most steps took the incremental path.  The activity statistics
 against counts worked out by hand, and the dense path (CUDA's) reads nothing per step.
 In-process; the runs read Debian's Fashion-MNIST (package dataset-fashion-mnist)."""
 
+import csv
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -255,12 +257,24 @@ def assert_same_runs(event, dense, layers):
     return rows
 
 
-def test_fc1h_line_event_driven_equals_dense(data_dir, tmp_path, monkeypatch):
+def test_fc1h_line_event_driven_equals_dense(data_dir, tmp_path, monkeypatch, capsys):
     """The Section 4 fc-1h line (784-8192-100, T 20, Kmax 10), 2 epochs of 512 + 256
-    Fashion-MNIST images (``benchmarks/event_exactness.py fc1h``: the 4,000 + 1,000 of the issue)."""
+    Fashion-MNIST images (``benchmarks/event_exactness.py fc1h``: the 4,000 + 1,000 of the issue);
+    with the activity columns the two runs still plot and summarise (``plotFunctions.py`` in
+    their date folder: one group of 2 runs, its final test error theirs)."""
+    from test_summary import plot_in_process
     argv = with_flags(FC1H, trainSubset=512, testSubset=256, epochs=2, dataDir=data_dir)
-    rows = assert_same_runs(*event_and_dense(argv, tmp_path, monkeypatch), ["fc0", "fc1"])
+    event, dense = event_and_dense(argv, tmp_path, monkeypatch)
+    rows = assert_same_runs(event, dense, ["fc0", "fc1"])
     assert float(rows[-1]["incremental_nudged_fc1"]) > 90  # the hidden layer settles: few changes
+    date = os.path.dirname(event)
+    code, _, err, drawn = plot_in_process(Path(date), monkeypatch, capsys, save=())
+    assert code == 0 and err[-1].startswith("plotted 2 run(s) in 1 group(s)"), err
+    assert [label for label, _, _ in drawn["S-1/errors.png"]] == [
+        "train error", "test error", "train (first neuron)", "test (first neuron)"]
+    with open(os.path.join(date, "summary.csv"), newline="") as f:
+        (summary,) = list(csv.DictReader(f))
+    assert summary["runs"] == "2" and float(summary["final_test_error_mean"]) == float(rows[-1]["test_error"])
 
 
 def test_learnt_alpha_and_symmetric_nudging_event_driven_equal_dense(data_dir, tmp_path, monkeypatch):
