@@ -9,6 +9,10 @@ sending to n_r neurons, a stream's share of 32 samples), it times the dense inte
 the share (their union U: ``events.Events.product``, finding them included), for changes drawn
 at random at several rates, and prints the times and, per shape, the union fraction U / n_s at
 which the update becomes slower than the dense product (interpolated between the rates).
+Then the same for the convolution of binary maps of the conv line (256 -> 512 channels, 8 x 8,
+kernel 5, padding 1: ``events.Events.conv_counts``), sample by sample: the share of a sample's
+inputs changed where ``cpu_kernels.conv_delta`` becomes slower than the dense convolution
+(``CONV_MAX_CHANGED``).
 """
 
 import argparse
@@ -22,7 +26,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from binary_ep import events  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from binary_ep import cpu_kernels, events  # noqa: E402
 from binary_ep.neurons import count, count_signs  # noqa: E402
 
 # (n_s, n_r): fc-1h's hidden -> output and output -> hidden, fc-2h's, the conv line's classifier
@@ -61,6 +67,26 @@ def measure(n_s, n_r, batch, repeats, g):
     return dense, out
 
 
+def measure_conv(batch, repeats, g, fractions=(0.01, 0.05, 0.1, 0.2, 0.3, 0.5)):
+    """(dense seconds, [(changed inputs per sample, update seconds)]) of the conv line's
+    convolution of bits, 256 x 8 x 8 -> 512 x 6 x 6, a share of ``batch`` samples."""
+    layout = torch.channels_last
+    w = torch.sign(torch.randn(512, 256, 5, 5, generator=g)).contiguous(memory_format=layout)
+    flipped = cpu_kernels.flipped_weight(w)
+    bits = (torch.rand(batch, 256, 8, 8, generator=g) < 0.1).float().contiguous(memory_format=layout)
+    dense = timed(lambda: F.conv2d(bits, w, padding=1), repeats)
+    out = []
+    for f in fractions:
+        new = (bits != (torch.rand(bits.shape, generator=g) < f).float()).float().contiguous(memory_format=layout)
+        acc = F.conv2d(bits, w, padding=1).contiguous(memory_format=layout)
+
+        def update():
+            prev = bits.clone(memory_format=layout)
+            cpu_kernels.conv_delta(new, prev, flipped, acc, 1, 1.0)
+        out.append((int((new != bits).sum()) // batch, timed(update, repeats)))
+    return dense, out
+
+
 def crossover(n_s, dense, points):
     """The union fraction where the update's time reaches ``dense`` (linear between points)."""
     previous = (0.0, 0.0)
@@ -85,6 +111,12 @@ def main():
         d, pts = measure(n_s, n_r, a.batch, a.repeats, g)
         cells = "  ".join(f"{u}: {1e3 * (e + fd):.3f}" for u, e, fd in pts)
         print(f"{n_s:>6} -> {n_r:<5} {1e3 * d:9.3f}  {cells}  {crossover(n_s, d, pts):.3f}", flush=True)
+    if cpu_kernels.available():
+        d, pts = measure_conv(a.batch, max(3, a.repeats // 5), g)
+        cells = "  ".join(f"{u}: {1e3 * e:.2f}" for u, e in pts)
+        print(f"conv 256x8x8 -> 512x6x6 (events.CONV_MAX_CHANGED = {events.CONV_MAX_CHANGED}): dense "
+              f"{1e3 * d:.2f} ms; changed inputs per sample: update ms  {cells}; crossover "
+              f"{crossover(256 * 64, d, [(u, e, 0.0) for u, e in pts]):.3f} of the inputs")
 
 
 if __name__ == "__main__":
