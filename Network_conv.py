@@ -108,6 +108,7 @@ class Network_conv(EPNetwork):
         self._setup_optimizers(args, [l.weight for l in layers], [l.bias for l in layers], names,
                                [False] * len(self.fc) + [True] * len(self.conv), alpha_scale=1.0)
         self._counted_now = PerUpdate()  # binary neurons: ``Counted``, made once per weight update
+        self.caches.append(self._counted_now)
         if self.neurons.binary:  # the original's conv bin_W_N: biases at 0, filters at 2 gamma N(0, 1)
             with torch.no_grad():
                 for layer in layers:

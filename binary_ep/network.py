@@ -60,6 +60,7 @@ class EPNetwork(nn.Module):
         self.optB = torch.optim.SGD([{"params": [b], "lr": args.lrBias[k]}
                                      for k, b in enumerate(biases)], lr=args.lrBias[0])
         self.signs = SignCache()  # binary neurons: the sign matrices their counts multiply
+        self.caches = [self.signs]  # what is made from the weights, forgotten when they move
 
     batch_dim = 0  # the batch dimension of the states and targets (fc: 1, its column layout)
     nudge_from_start = False  # the nudge's reference: the current output (else the phase's start)
@@ -155,6 +156,13 @@ class EPNetwork(nn.Module):
                 spare = s
             s = new
         return Phase(s, record, activity)
+
+    def _apply(self, fn, *args, **kwargs):
+        """``Module.to`` and its kin give the weights new storage: the values made from them
+        (``caches``) are made again."""
+        for cache in getattr(self, "caches", []):
+            cache.clear()
+        return super()._apply(fn, *args, **kwargs)
 
     def updateWeights(self):
         """Flip/rescale the binary weights and take an SGD step on the biases from ``.grad``.

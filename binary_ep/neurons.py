@@ -144,19 +144,23 @@ def outer_count(plus, minus, plus_next, minus_next, scale, out):
 class PerUpdate:
     """A value made from some weights once per weight update and shared by the CPU streams (the
     sign matrices of the counts, their transposes, the counts of all-ones inputs): ``get(weights,
-    make)`` returns ``make()``'s value, made again when a weight changed (its storage or its
-    version counter, which every in-place change moves: flips, a learnt alpha, a load) or the
-    kind of count did (``EP_INT_COUNTS``)."""
+    make)`` returns ``make()``'s value, made again when a weight changed (its version counter,
+    which every in-place change moves: flips, a learnt alpha, a load) or the kind of count did
+    (``EP_INT_COUNTS``); ``clear`` forgets it (the network moved: ``EPNetwork._apply``)."""
 
     def __init__(self):
         self._key, self._value, self._lock = None, None, threading.Lock()
 
     def get(self, weights, make):
-        key = tuple((w.data_ptr(), w._version) for w in weights) + (os.environ.get("EP_INT_COUNTS"),)
+        key = tuple((id(w), w._version, w.device) for w in weights) + (os.environ.get("EP_INT_COUNTS"),)
         with self._lock:  # the streams of a batch ask at once: the first makes it
             if key != self._key:
                 self._value, self._key = make(), key
             return self._value
+
+    def clear(self):
+        with self._lock:
+            self._key = self._value = None
 
 
 def neuron_model(args):

@@ -39,17 +39,21 @@ class SignMatrix:
 
 
 def _kind(w):
-    """What ``count_signs`` makes for ``w``: its storage, device and the kind of count."""
-    return w.data_ptr(), w.device, os.environ.get("EP_INT_COUNTS")
+    """What ``count_signs`` makes for ``w``: its device and the kind of count."""
+    return w.device, os.environ.get("EP_INT_COUNTS")
 
 
 class SignCache:
     """The ``SignMatrix`` of each weight asked for (``get``), shared by the CPU streams (made under
     a lock), made again when the weight changed, but patched where only ``updateWeights``
-    changed it (``stepped``)."""
+    changed it (``stepped``); ``clear`` forgets them (the network moved: ``EPNetwork._apply``)."""
 
     def __init__(self):
         self._entries, self._lock = {}, threading.Lock()
+
+    def clear(self):
+        with self._lock:
+            self._entries.clear()
 
     def get(self, w):
         """The ``SignMatrix`` of the weight ``w`` (a parameter of the network that owns the

@@ -303,7 +303,7 @@ def test_the_sign_matrices_follow_the_flips(patch_max, monkeypatch):
     anew from the weights, with their counts of all-ones inputs (tens of flips per batch here,
     a learnt alpha rescaling every weight): the same tensors, patched where the flip rule
     flipped, where few flipped (``PATCH_MAX`` 1), else made anew (``PATCH_MAX`` 0); a weight
-    changed by anything else is made anew."""
+    changed by anything else, or moved (``net.double()``), is made anew."""
     from binary_ep import signs
     monkeypatch.setattr(signs, "PATCH_MAX", patch_max)
     args = main.parse(with_flags(FC1H, layersList="64 48 32 20", expand_output=2, dataset="digits", T=4, Kmax=2,
@@ -333,3 +333,5 @@ def test_the_sign_matrices_follow_the_flips(patch_max, monkeypatch):
     with torch.no_grad():
         weights[0][0, 0] *= -1  # not the flip rule: made anew
     assert net.signs.get(weights[0]) is not m and int(net.signs.get(weights[0]).S[0, 0]) == -int(m.S[0, 0])
+    net.double()  # new storage (``Module._apply``): made anew, in float64
+    assert net.signs.get(weights[0]).rows.dtype == torch.float64
