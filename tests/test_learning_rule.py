@@ -5,6 +5,8 @@ Conventions: both estimators are compared as what they write into ``.grad``, i.e
 of dL/dtheta for L = ||s[0] - y||^2 / 2 summed over the output units, averaged over the batch.
 """
 
+import ctypes
+import ctypes.util
 import os
 
 import pandas as pd
@@ -248,6 +250,9 @@ def test_bptt_training_memory_is_flat_over_50_batches():
                for i in range(50)]
 
     def growth(leak):
+        # memory freed by earlier tests (a large network) stays in the C heap, where a leak could
+        # grow without raising RSS: give it back first (glibc), so RSS sees new allocations
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
         rss, kept = [], []
 
         class Recording(BPTT):
