@@ -11,6 +11,7 @@ One module per job (imports point one way: this package knows no concrete networ
 * ``network``: ``EPNetwork``, the relaxation and the phases on top of a network's ``stepper``;
 * ``neurons``: the neuron models (rate, binary) and the integer counts of bits;
 * ``events`` / ``activity``: binary neurons' event-driven counts and their activity statistics;
+* ``signs``: the sign matrices of binary weights, kept between updates and patched at the flips;
 * ``limits`` / ``memory``: the range of every numeric flag, and the memory a network needs;
 * ``estimators``: gradient estimators behind one ``compute_gradient`` (EP variants, BPTT);
 * ``gdu_check``: the EP-versus-BPTT gradient check (``--check gdu``);
