@@ -192,19 +192,27 @@ def run_warm(cases, folder, parallel=None):
 # ----------------------------------------------------------------------------------------------
 # 1. --resume: bit for bit
 # ----------------------------------------------------------------------------------------------
-def check_resume_bit_for_bit(tmp_path, config):
+def resumed_equals_whole(tmp_path, config, split, total):
+    """``total`` epochs at once against ``split`` epochs resumed to ``total``: results.csv (but
+    epoch_seconds) and every tensor of checkpoint.pt equal.  Returns the resumed run's
+    (checkpoint, results dataframe)."""
     whole, part = tmp_path / "whole", tmp_path / "part"
-    assert main.main(config + ["--epochs", "4", "--outDir", str(whole)]) == 0
-    assert main.main(config + ["--epochs", "2", "--outDir", str(part)]) == 0
+    assert main.main(config + ["--epochs", str(total), "--outDir", str(whole)]) == 0
+    assert main.main(config + ["--epochs", str(split), "--outDir", str(part)]) == 0
     run = only_run(part)
-    assert checkpoint(run)["epoch"] == 2 and len(csv_rows(run)) == 3
-    assert main.main(["--resume", str(run), "--epochs", "4"]) == 0
+    assert checkpoint(run)["epoch"] == split and len(csv_rows(run)) == split + 1
+    assert main.main(["--resume", str(run), "--epochs", str(total)]) == 0
     assert_same_run(run, only_run(whole))
     ckpt = checkpoint(run)
-    assert ckpt["epoch"] == 4 and ckpt["args"]["epochs"] == 4
-    # the run really moved: flips in the resumed epochs, alpha learnt, filter buffers non-zero
+    assert ckpt["epoch"] == total and ckpt["args"]["epochs"] == total
     df = pd.read_csv(run / "results.csv", index_col="epoch")
-    assert list(df.index) == [1, 2, 3, 4]
+    assert list(df.index) == list(range(1, total + 1))
+    return ckpt, df
+
+
+def check_resume_bit_for_bit(tmp_path, config):
+    ckpt, df = resumed_equals_whole(tmp_path, config, 2, 4)
+    # the run really moved: flips in the resumed epochs, alpha learnt, filter buffers non-zero
     assert df.filter(like="flips_").loc[3:].to_numpy().sum() > 0
     assert df.filter(like="alpha_").nunique().min() > 1
     assert all(float(s["filtered_grad"].abs().sum()) > 0 for s in ckpt["optW"]["state"].values())
