@@ -117,7 +117,7 @@ def _in_float32(value, rounded):
 
 def check_beta(args):
     """``--beta``'s rule (module docstring); raises ``UserError``."""
-    factor = 2 if getattr(args, "nudging", "one-sided") == "symmetric" else 1
+    factor = 2 if args.nudging == "symmetric" else 1
     beta, batch = args.beta, args.batchSize
     ok = math.isfinite(beta) and beta != 0 and normal32(beta) and \
         all(normal32(1.0 / (factor * abs(beta) * b)) for b in (1, batch))
